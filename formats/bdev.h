@@ -1,0 +1,82 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The one block-device interface.  Everything that holds bytes — a file, a
+ * raw or qcow2 image, a partition window, a snapshot — is a struct bdev, and
+ * the front ends (fs/, nbd/) only ever call the bdev_* wrappers below.
+ *
+ * Contract for implementations:
+ *  - every op returns 0 or a negative errno;
+ *  - pread/pwrite transfer the whole length or fail (no short transfers);
+ *  - the wrappers have already checked the range against dev->size and the
+ *    read-only flag, so ops may assume off + len <= size;
+ *  - every op may be called from many threads at once: a device that cannot
+ *    allow that guards itself with its own lock.
+ */
+#ifndef IMGFS_BDEV_H
+#define IMGFS_BDEV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* write / zero flags */
+#define BDEV_FUA       (1u << 0) /* durable before the call returns */
+#define BDEV_MAY_UNMAP (1u << 1) /* zero: may deallocate */
+#define BDEV_FAST_ZERO (1u << 2) /* zero: fail with -ENOTSUP rather than write zeroes slowly */
+#define BDEV_NO_FALLBACK BDEV_FAST_ZERO
+
+/* block_status bits (the NBD base:allocation meanings) */
+#define BDEV_ST_HOLE (1u << 0) /* not allocated in any layer */
+#define BDEV_ST_ZERO (1u << 1) /* reads as zeroes */
+
+struct bdev;
+
+struct bdev_ops {
+	int (*pread)(struct bdev *, void *buf, size_t len, uint64_t off);
+	int (*pwrite)(struct bdev *, const void *buf, size_t len, uint64_t off,
+		      unsigned flags);
+	int (*zero)(struct bdev *, uint64_t off, uint64_t len, unsigned flags);
+	int (*discard)(struct bdev *, uint64_t off, uint64_t len);
+	int (*flush)(struct bdev *);
+	/*
+	 * Status of the run starting at off: *run (1 <= *run <= len) bytes all
+	 * share *status (BDEV_ST_*) and *depth (1 = this layer holds the data,
+	 * 2 = its backing file, ..., 0 = no layer: unallocated).
+	 */
+	int (*block_status)(struct bdev *, uint64_t off, uint64_t len,
+			    uint64_t *run, unsigned *status, unsigned *depth);
+	void (*close)(struct bdev *);
+};
+
+struct bdev {
+	const struct bdev_ops *ops;
+	const char *kind;   /* "file", "raw", "qcow2", "window", "snapshot", ... */
+	uint64_t size;      /* bytes */
+	bool read_only;
+	bool growable;      /* writes past size extend it (the file under a qcow2 image) */
+	uint32_t min_block; /* preferred minimum I/O size, 1 if any */
+	void *priv;         /* the implementation's state */
+};
+
+int bdev_pread(struct bdev *, void *buf, size_t len, uint64_t off);
+int bdev_pwrite(struct bdev *, const void *buf, size_t len, uint64_t off,
+		unsigned flags);
+/* Zero a range; falls back to writing zero buffers unless BDEV_FAST_ZERO. */
+int bdev_zero(struct bdev *, uint64_t off, uint64_t len, unsigned flags);
+/* Advisory: a device without discard ignores it (returns 0). */
+int bdev_discard(struct bdev *, uint64_t off, uint64_t len);
+int bdev_flush(struct bdev *);
+/* Devices without block_status report one data run of depth 1. */
+int bdev_block_status(struct bdev *, uint64_t off, uint64_t len,
+		      uint64_t *run, unsigned *status, unsigned *depth);
+void bdev_close(struct bdev *);
+
+/*
+ * A zeroed bdev with ops set, for implementations; never fails (aborts on OOM).
+ * bdev_close() calls ops->close (which frees priv and whatever the device
+ * owns) and then frees the struct bdev itself.
+ */
+struct bdev *bdev_new(const struct bdev_ops *ops, const char *kind,
+		      uint64_t size, bool read_only, void *priv);
+
+#endif

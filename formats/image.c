@@ -1,0 +1,482 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * An image: the device stack opened from a path, and its views — disk, one
+ * window per partition, one device per qcow2 internal snapshot.
+ *
+ * Coherency rests on one mechanism: disk is the format device wrapped so
+ * that every write, zero or discard that reaches it is announced to the
+ * image's observers.  Partitions are windows over that wrapper, so their
+ * writes are announced too.  The image itself observes: a write that touches
+ * the partition table's sectors re-reads the table and rebuilds the
+ * partition views.
+ */
+#include "image.h"
+#include "formats.h"
+#include "partition.h"
+#include "qcow2.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+struct image_observer {
+	struct image_observer *next;
+	image_observer_fn fn;
+	void *opaque;
+};
+
+/* ---- the observed disk device -------------------------------------------- */
+
+static struct image *IMG(struct bdev *d) { return d->priv; }
+
+static void announce(struct image *img, uint64_t off, uint64_t len);
+
+static int disk_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return bdev_pread(IMG(d)->top, buf, len, off);
+}
+
+static int disk_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
+		       unsigned flags)
+{
+	int r = bdev_pwrite(IMG(d)->top, buf, len, off, flags);
+
+	if (r == 0)
+		announce(IMG(d), off, len);
+	return r;
+}
+
+static int disk_zero(struct bdev *d, uint64_t off, uint64_t len, unsigned flags)
+{
+	int r = bdev_zero(IMG(d)->top, off, len, flags);
+
+	if (r == 0)
+		announce(IMG(d), off, len);
+	return r;
+}
+
+static int disk_discard(struct bdev *d, uint64_t off, uint64_t len)
+{
+	int r = bdev_discard(IMG(d)->top, off, len);
+
+	if (r == 0)
+		announce(IMG(d), off, len);
+	return r;
+}
+
+static int disk_flush(struct bdev *d)
+{
+	return bdev_flush(IMG(d)->top);
+}
+
+static int disk_block_status(struct bdev *d, uint64_t off, uint64_t len,
+			     uint64_t *run, unsigned *status, unsigned *depth)
+{
+	return bdev_block_status(IMG(d)->top, off, len, run, status, depth);
+}
+
+static const struct bdev_ops disk_ops = {
+	.pread = disk_pread,
+	.pwrite = disk_pwrite,
+	.zero = disk_zero,
+	.discard = disk_discard,
+	.flush = disk_flush,
+	.block_status = disk_block_status,
+	.close = NULL, /* the image owns top */
+};
+
+/* ---- observers --------------------------------------------------------- */
+
+void *image_add_observer(struct image *img, image_observer_fn fn, void *opaque)
+{
+	struct image_observer *o = xcalloc(1, sizeof(*o));
+
+	o->fn = fn;
+	o->opaque = opaque;
+	pthread_mutex_lock(&img->obs_lock);
+	o->next = img->observers;
+	img->observers = o;
+	pthread_mutex_unlock(&img->obs_lock);
+	return o;
+}
+
+void image_remove_observer(struct image *img, void *handle)
+{
+	struct image_observer **pp;
+
+	pthread_mutex_lock(&img->obs_lock);
+	for (pp = &img->observers; *pp; pp = &(*pp)->next)
+		if (*pp == handle) {
+			*pp = (*pp)->next;
+			free(handle);
+			break;
+		}
+	pthread_mutex_unlock(&img->obs_lock);
+}
+
+static void reread_partitions(struct image *img);
+
+static bool touches_table(struct image *img, uint64_t off, uint64_t len)
+{
+	uint64_t head = img->part_extent_head, tail = img->part_extent_tail;
+	uint64_t size = img->disk->size;
+
+	return off < head || (tail && off + len > size - MIN(size, tail));
+}
+
+static void announce(struct image *img, uint64_t off, uint64_t len)
+{
+	pthread_mutex_lock(&img->obs_lock);
+	for (struct image_observer *o = img->observers; o; o = o->next)
+		o->fn(o->opaque, off, len);
+	pthread_mutex_unlock(&img->obs_lock);
+	if (touches_table(img, off, len))
+		reread_partitions(img);
+}
+
+/* ---- views --------------------------------------------------------------- */
+
+static struct view *view_new(const char *name, enum view_kind kind, struct bdev *dev,
+			     uint64_t offset, bool writable)
+{
+	struct view *v = xcalloc(1, sizeof(*v));
+
+	v->name = xstrdup(name);
+	v->kind = kind;
+	v->dev = dev;
+	v->offset = offset;
+	v->length = dev->size;
+	v->writable = writable && !dev->read_only;
+	v->type = xstrdup("");
+	v->label = xstrdup("");
+	v->info = xstrdup("");
+	return v;
+}
+
+static void view_free(struct view *v)
+{
+	free(v->name);
+	free(v->type);
+	free(v->label);
+	free(v->info);
+	free(v);
+}
+
+static void views_append(struct view ***arr, unsigned *n, struct view *v)
+{
+	*arr = realloc(*arr, sizeof(**arr) * (*n + 1));
+	if (!*arr)
+		abort();
+	(*arr)[(*n)++] = v;
+}
+
+/* Partition views for the table currently on disk. */
+static void build_partition_views(struct image *img, struct view ***arr, unsigned *n)
+{
+	struct partition_table t;
+	int r;
+
+	memset(&t, 0, sizeof(t));
+	r = partition_table_read(img->disk, &t);
+	if (r < 0) {
+		log_warn("%s: cannot read the partition table: %s", img->path, strerror(-r));
+		return;
+	}
+	img->part_extent_head = MAX(t.table_bytes_head, 512);
+	img->part_extent_tail = t.table_at_end ? t.table_bytes_tail : 0;
+	img->part_scheme = !strcmp(t.scheme, "gpt") ? "gpt" : !strcmp(t.scheme, "mbr") ? "mbr" : "";
+	for (unsigned i = 0; i < t.count; i++) {
+		struct partition *p = &t.parts[i];
+		char name[32];
+		struct bdev *w;
+		struct view *v;
+
+		snprintf(name, sizeof(name), "p%u", p->number);
+		w = window_new(img->disk, p->offset, p->length, img->disk->read_only);
+		v = view_new(name, VIEW_PARTITION, w, p->offset, !img->read_only);
+		v->number = p->number;
+		free(v->type);
+		v->type = xstrdup(p->type);
+		free(v->label);
+		v->label = xstrdup(p->label);
+		free(v->info);
+		v->info = p->uuid[0] ? xasprintf("%s uuid=%s", t.scheme, p->uuid)
+				     : xasprintf("%s%s", t.scheme, p->bootable ? " bootable" : "");
+		views_append(arr, n, v);
+	}
+	partition_table_free(&t);
+}
+
+/*
+ * Snapshot names become file names: one that is empty, not unique, too long,
+ * or holds '/' or a control character is shown by ID instead (SPEC §3).
+ */
+static bool snapshot_name_usable(struct bdev *q, unsigned idx)
+{
+	const struct qcow2_snapshot_info *s = qcow2_snapshot_get(q, idx);
+	unsigned n = qcow2_snapshot_count(q);
+
+	if (!s->name[0] || strlen(s->name) > NAME_MAX - 5)
+		return false;
+	for (const char *c = s->name; *c; c++)
+		if (*c == '/' || (unsigned char)*c < 0x20 || *c == 0x7f)
+			return false;
+	for (unsigned j = 0; j < n; j++)
+		if (j != idx && !strcmp(qcow2_snapshot_get(q, j)->name, s->name))
+			return false;
+	return true;
+}
+
+static int build_snapshot_views(struct image *img, struct view ***arr, unsigned *n,
+				struct err *e)
+{
+	unsigned count;
+
+	if (strcmp(img->format, "qcow2"))
+		return 0;
+	count = qcow2_snapshot_count(img->top);
+	for (unsigned i = 0; i < count; i++) {
+		const struct qcow2_snapshot_info *s = qcow2_snapshot_get(img->top, i);
+		struct bdev *dev;
+		struct view *v;
+		char *name, date[64];
+		struct tm tm;
+		time_t t = s->date_sec;
+		int r;
+
+		r = qcow2_snapshot_open(img->top, i, &dev, e);
+		if (r < 0) {
+			/* one bad snapshot does not hide the disk: warn, skip */
+			log_warn("%s: snapshot id %s: %s", img->path, s->id, e ? e->msg : strerror(-r));
+			if (e) {
+				e->code = 0;
+				e->msg[0] = 0;
+			}
+			continue;
+		}
+		if (snapshot_name_usable(img->top, i))
+			name = xasprintf("snap@%s", s->name);
+		else
+			name = xasprintf("snap@#%s", s->id);
+		v = view_new(name, VIEW_SNAPSHOT, dev, UINT64_MAX, false);
+		free(name);
+		v->number = i;
+		free(v->type);
+		v->type = xstrdup("snapshot");
+		free(v->label);
+		v->label = xstrdup(s->name);
+		gmtime_r(&t, &tm);
+		strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", &tm);
+		free(v->info);
+		v->info = xasprintf("id=%s date=%s vm-clock=%02llu:%02llu:%02llu.%03llu vm-state=%llu",
+				    s->id, date,
+				    (unsigned long long)(s->vm_clock_ns / 3600000000000ULL),
+				    (unsigned long long)(s->vm_clock_ns / 60000000000ULL % 60),
+				    (unsigned long long)(s->vm_clock_ns / 1000000000ULL % 60),
+				    (unsigned long long)(s->vm_clock_ns / 1000000ULL % 1000),
+				    (unsigned long long)s->vm_state_size);
+		views_append(arr, n, v);
+	}
+	return 0;
+}
+
+static void reread_partitions(struct image *img)
+{
+	struct view **nv = NULL, **old;
+	unsigned nn = 0, nold;
+
+	pthread_mutex_lock(&img->reread_lock);
+	pthread_rwlock_rdlock(&img->views_lock);
+	/* keep disk and snapshots, replace partitions */
+	for (unsigned i = 0; i < img->nviews; i++)
+		if (img->views[i]->kind == VIEW_DISK)
+			views_append(&nv, &nn, img->views[i]);
+	pthread_rwlock_unlock(&img->views_lock);
+	build_partition_views(img, &nv, &nn);
+	pthread_rwlock_wrlock(&img->views_lock);
+	for (unsigned i = 0; i < img->nviews; i++)
+		if (img->views[i]->kind == VIEW_SNAPSHOT)
+			views_append(&nv, &nn, img->views[i]);
+	old = img->views;
+	nold = img->nviews;
+	img->views = nv;
+	img->nviews = nn;
+	img->generation++;
+	/* old partition views may still be in use by a front end: retire them,
+	 * freed at close */
+	for (unsigned i = 0; i < nold; i++)
+		if (old[i]->kind == VIEW_PARTITION)
+			views_append(&img->retired, &img->nretired, old[i]);
+	pthread_rwlock_unlock(&img->views_lock);
+	free(old);
+	pthread_mutex_unlock(&img->reread_lock);
+}
+
+struct view *image_find_view(struct image *img, const char *name)
+{
+	struct view *found = NULL;
+
+	pthread_rwlock_rdlock(&img->views_lock);
+	for (unsigned i = 0; i < img->nviews; i++)
+		if (!strcmp(img->views[i]->name, name)) {
+			found = img->views[i];
+			break;
+		}
+	pthread_rwlock_unlock(&img->views_lock);
+	return found;
+}
+
+unsigned image_list_views(struct image *img, struct view ***out, uint64_t *generation)
+{
+	unsigned n;
+
+	pthread_rwlock_rdlock(&img->views_lock);
+	n = img->nviews;
+	*out = xmalloc(sizeof(**out) * (n ? n : 1));
+	memcpy(*out, img->views, sizeof(**out) * n);
+	if (generation)
+		*generation = img->generation;
+	pthread_rwlock_unlock(&img->views_lock);
+	return n;
+}
+
+/*
+ * -l as qemu-nbd takes it: "snapshot.id=ID", "snapshot.name=NAME", or a bare
+ * string matched first as a name, then as an ID.
+ */
+static struct view *find_snapshot(struct image *img, const char *spec, struct err *e)
+{
+	const char *id = NULL, *name = NULL;
+	struct view *found = NULL;
+
+	if (!strncmp(spec, "snapshot.id=", 12))
+		id = spec + 12;
+	else if (!strncmp(spec, "snapshot.name=", 14))
+		name = spec + 14;
+	if (strcmp(img->format, "qcow2")) {
+		err_set(e, -ENOENT, "%s: a %s image has no snapshots", img->path, img->format);
+		return NULL;
+	}
+	pthread_rwlock_rdlock(&img->views_lock);
+	for (int pass = 0; pass < 2 && !found; pass++) {
+		for (unsigned i = 0; i < img->nviews && !found; i++) {
+			const struct qcow2_snapshot_info *s;
+			struct view *v = img->views[i];
+
+			if (v->kind != VIEW_SNAPSHOT)
+				continue;
+			s = qcow2_snapshot_get(img->top, v->number);
+			if (pass == 0 && !id && !strcmp(s->name, name ? name : spec))
+				found = v;
+			if (pass == 1 && !name && !strcmp(s->id, id ? id : spec))
+				found = v;
+		}
+	}
+	pthread_rwlock_unlock(&img->views_lock);
+	if (!found)
+		err_set(e, -ENOENT, "%s: no snapshot '%s'", img->path, spec);
+	return found;
+}
+
+struct view *image_pick_view(struct image *img, const char *view,
+			     int partition, const char *snapshot, struct err *e)
+{
+	struct view *v;
+	char name[32];
+
+	if (snapshot)
+		return find_snapshot(img, snapshot, e);
+	if (partition > 0) {
+		snprintf(name, sizeof(name), "p%d", partition);
+		view = name;
+	}
+	if (!view)
+		view = "disk";
+	v = image_find_view(img, view);
+	if (!v)
+		err_set(e, -ENOENT, "%s: no view '%s'%s", img->path, view,
+			partition > 0 ? " (no such partition)" : "");
+	return v;
+}
+
+/* ---- open and close ------------------------------------------------------ */
+
+int image_open(const char *path, const struct image_opts *opts,
+	       struct image **out, struct err *e)
+{
+	struct open_ctx ctx = { .opts = opts };
+	struct image *img;
+	struct bdev *top;
+	struct view *dv;
+	char *abs;
+	int r;
+
+	abs = realpath(path, NULL);
+	if (!abs)
+		return err_set(e, -errno, "%s: %s", path, strerror(errno));
+	r = image_open_dev(abs, opts->format, !opts->read_only, &ctx, &top, e);
+	if (r < 0) {
+		free(abs);
+		return r;
+	}
+	img = xcalloc(1, sizeof(*img));
+	img->path = abs;
+	img->format = xstrdup(top->kind);
+	img->top = top;
+	img->read_only = opts->read_only || top->read_only;
+	pthread_rwlock_init(&img->views_lock, NULL);
+	pthread_mutex_init(&img->obs_lock, NULL);
+	pthread_mutex_init(&img->reread_lock, NULL);
+	img->disk = bdev_new(&disk_ops, top->kind, top->size, img->read_only, img);
+	img->disk->min_block = top->min_block;
+
+	dv = view_new("disk", VIEW_DISK, img->disk, 0, !img->read_only);
+	free(dv->type);
+	dv->type = xstrdup(img->format);
+	views_append(&img->views, &img->nviews, dv);
+	build_partition_views(img, &img->views, &img->nviews);
+	r = build_snapshot_views(img, &img->views, &img->nviews, e);
+	if (r < 0) {
+		image_close(img);
+		return r;
+	}
+	*out = img;
+	return 0;
+}
+
+int image_close(struct image *img)
+{
+	int r = 0;
+
+	if (!img)
+		return 0;
+	if (!img->read_only)
+		r = bdev_flush(img->top);
+	for (unsigned i = 0; i < img->nviews; i++) {
+		if (img->views[i]->kind != VIEW_DISK)
+			bdev_close(img->views[i]->dev);
+		view_free(img->views[i]);
+	}
+	for (unsigned i = 0; i < img->nretired; i++) {
+		bdev_close(img->retired[i]->dev);
+		view_free(img->retired[i]);
+	}
+	free(img->views);
+	free(img->retired);
+	bdev_close(img->disk);
+	bdev_close(img->top);
+	while (img->observers) {
+		struct image_observer *o = img->observers;
+		img->observers = o->next;
+		free(o);
+	}
+	pthread_rwlock_destroy(&img->views_lock);
+	pthread_mutex_destroy(&img->obs_lock);
+	pthread_mutex_destroy(&img->reread_lock);
+	free(img->format);
+	free(img->path);
+	free(img);
+	return r;
+}

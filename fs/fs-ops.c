@@ -1,0 +1,665 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * FUSE low-level operations.  Inode 1 is the root: the one view in file
+ * mode, or a directory of views.  Every other inode is a view, found by
+ * name, so a partition keeps its inode number when the table is re-read.
+ */
+#include "config.h"
+#include "fs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define FS_MAX_IO (1u << 20) /* max_write and the largest read we expect */
+#define ATTR_TIMEOUT 1.0
+
+static struct fs *FS(fuse_req_t req) { return fuse_req_userdata(req); }
+
+/* the inode a FUSE write is in progress on: the kernel updates its own cache */
+static __thread fuse_ino_t writing_ino;
+
+/* ---- nodes --------------------------------------------------------------- */
+
+static struct fs_node *node_for_name(struct fs *fs, const char *name)
+{
+	struct fs_node *n;
+
+	g_mutex_lock(&fs->nodes_lock);
+	n = g_hash_table_lookup(fs->by_name, name);
+	if (!n) {
+		n = g_new0(struct fs_node, 1);
+		n->name = g_strdup(name);
+		n->ino = fs->by_ino->len + 1;
+		g_ptr_array_add(fs->by_ino, n);
+		g_hash_table_insert(fs->by_name, n->name, n);
+	}
+	g_mutex_unlock(&fs->nodes_lock);
+	return n;
+}
+
+static struct fs_node *node_by_ino(struct fs *fs, fuse_ino_t ino)
+{
+	struct fs_node *n = NULL;
+
+	g_mutex_lock(&fs->nodes_lock);
+	if (ino >= 1 && ino <= fs->by_ino->len)
+		n = g_ptr_array_index(fs->by_ino, ino - 1);
+	g_mutex_unlock(&fs->nodes_lock);
+	return n;
+}
+
+void fs_init_nodes(struct fs *fs)
+{
+	struct fs_node *root = g_new0(struct fs_node, 1);
+	struct view **views;
+	unsigned n;
+
+	g_mutex_init(&fs->nodes_lock);
+	fs->by_name = g_hash_table_new(g_str_hash, g_str_equal);
+	fs->by_ino = g_ptr_array_new();
+	root->ino = FUSE_ROOT_ID;
+	root->name = fs->dir_mode ? NULL : g_strdup(fs->file_view);
+	g_ptr_array_add(fs->by_ino, root);
+	if (!fs->dir_mode)
+		return;
+	/* number the views at mount time in listing order: stable, predictable */
+	n = image_list_views(fs->img, &views, NULL);
+	for (unsigned i = 0; i < n; i++)
+		node_for_name(fs, views[i]->name);
+	free(views);
+}
+
+void fs_free_nodes(struct fs *fs)
+{
+	for (unsigned i = 0; i < fs->by_ino->len; i++) {
+		struct fs_node *n = g_ptr_array_index(fs->by_ino, i);
+		g_free(n->name);
+		g_free(n);
+	}
+	g_ptr_array_free(fs->by_ino, TRUE);
+	g_hash_table_destroy(fs->by_name);
+	g_mutex_clear(&fs->nodes_lock);
+}
+
+/* The view an inode shows now, or NULL (a directory, or a vanished partition). */
+static struct view *node_view(struct fs *fs, struct fs_node *n)
+{
+	return n && n->name ? image_find_view(fs->img, n->name) : NULL;
+}
+
+/* ---- attributes ------------------------------------------------------------ */
+
+static void view_stat(struct fs *fs, fuse_ino_t ino, struct view *v, struct stat *st)
+{
+	mode_t perm = fs->image_st.st_mode & 07777 & ~(mode_t)(S_ISUID | S_ISGID | S_ISVTX);
+
+	memset(st, 0, sizeof(*st));
+	st->st_ino = ino;
+	st->st_mode = S_IFREG | perm;
+	if (!v->writable)
+		st->st_mode &= ~(mode_t)0222;
+	st->st_nlink = 1;
+	st->st_uid = fs->image_st.st_uid;
+	st->st_gid = fs->image_st.st_gid;
+	st->st_size = (off_t)v->length;
+	st->st_blksize = 4096;
+	st->st_blocks = (blkcnt_t)((v->length + 511) / 512);
+	st->st_atim = fs->image_st.st_atim;
+	st->st_mtim = fs->image_st.st_mtim;
+	st->st_ctim = fs->image_st.st_ctim;
+}
+
+static void root_dir_stat(struct fs *fs, struct stat *st)
+{
+	mode_t perm = fs->image_st.st_mode & 0777;
+
+	memset(st, 0, sizeof(*st));
+	st->st_ino = FUSE_ROOT_ID;
+	/* a directory is searchable wherever the image is readable */
+	perm |= (perm & 0444) >> 2;
+	st->st_mode = S_IFDIR | perm;
+	st->st_nlink = 2;
+	st->st_uid = fs->image_st.st_uid;
+	st->st_gid = fs->image_st.st_gid;
+	st->st_size = 0;
+	st->st_blksize = 4096;
+	st->st_atim = fs->image_st.st_atim;
+	st->st_mtim = fs->image_st.st_mtim;
+	st->st_ctim = fs->image_st.st_ctim;
+}
+
+static int node_stat(struct fs *fs, fuse_ino_t ino, struct stat *st)
+{
+	struct fs_node *n = node_by_ino(fs, ino);
+	struct view *v;
+
+	if (!n)
+		return -ENOENT;
+	if (ino == FUSE_ROOT_ID && fs->dir_mode) {
+		root_dir_stat(fs, st);
+		return 0;
+	}
+	v = node_view(fs, n);
+	if (!v)
+		return -ENOENT;
+	view_stat(fs, ino, v, st);
+	return 0;
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct stat st;
+	int r = node_stat(FS(req), ino, &st);
+
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fs *fs = FS(req);
+	struct fuse_entry_param e;
+	struct view *v;
+
+	if (parent != FUSE_ROOT_ID || !fs->dir_mode) {
+		fuse_reply_err(req, ENOTDIR);
+		return;
+	}
+	v = image_find_view(fs->img, name);
+	if (!v) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	memset(&e, 0, sizeof(e));
+	e.ino = node_for_name(fs, name)->ino;
+	e.generation = 1;
+	e.attr_timeout = ATTR_TIMEOUT;
+	/* a partition may vanish when the table is rewritten: short entry cache */
+	e.entry_timeout = ATTR_TIMEOUT;
+	view_stat(fs, e.ino, v, &e.attr);
+	fuse_reply_entry(req, &e);
+}
+
+/*
+ * Views are devices: their size is the image's.  Truncating to the current
+ * size is a no-op (cp and shells open with O_TRUNC); anything else is
+ * refused.  Times are accepted and ignored; owners and modes follow the image.
+ */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
+		       int to_set, struct fuse_file_info *fi)
+{
+	struct fs *fs = FS(req);
+	struct stat st;
+	int r = node_stat(fs, ino, &st);
+
+	if (r < 0) {
+		fuse_reply_err(req, -r);
+		return;
+	}
+	if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	if ((to_set & FUSE_SET_ATTR_SIZE) && attr->st_size != st.st_size) {
+		fuse_reply_err(req, S_ISDIR(st.st_mode) ? EISDIR
+			       : (st.st_mode & 0222) ? EPERM : EROFS);
+		return;
+	}
+	fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
+/* ---- directory ------------------------------------------------------------- */
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	if (ino != FUSE_ROOT_ID || !FS(req)->dir_mode)
+		fuse_reply_err(req, ENOTDIR);
+	else
+		fuse_reply_open(req, fi);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		       struct fuse_file_info *fi)
+{
+	struct fs *fs = FS(req);
+	struct view **views;
+	unsigned n = image_list_views(fs->img, &views, NULL);
+	char *buf = g_malloc(size);
+	size_t used = 0;
+	/* entries: 0 ".", 1 "..", then views in listing order */
+	for (off_t i = off; i < (off_t)n + 2; i++) {
+		struct stat st = { 0 };
+		const char *name;
+		size_t need;
+
+		if (i == 0) {
+			name = ".";
+			st.st_ino = FUSE_ROOT_ID;
+			st.st_mode = S_IFDIR;
+		} else if (i == 1) {
+			name = "..";
+			st.st_ino = FUSE_ROOT_ID;
+			st.st_mode = S_IFDIR;
+		} else {
+			name = views[i - 2]->name;
+			st.st_ino = node_for_name(fs, name)->ino;
+			st.st_mode = S_IFREG;
+		}
+		need = fuse_add_direntry(req, buf + used, size - used, name, &st, i + 1);
+		if (need > size - used)
+			break;
+		used += need;
+	}
+	free(views);
+	fuse_reply_buf(req, buf, used);
+	g_free(buf);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+	struct fs *fs = FS(req);
+	struct statvfs sv;
+	struct view **views;
+	unsigned n = image_list_views(fs->img, &views, NULL);
+	uint64_t total = 0;
+
+	for (unsigned i = 0; i < n; i++)
+		if (fs->dir_mode || !strcmp(views[i]->name, fs->file_view))
+			total += views[i]->length;
+	free(views);
+	memset(&sv, 0, sizeof(sv));
+	sv.f_bsize = 4096;
+	sv.f_frsize = 4096;
+	sv.f_blocks = (total + 4095) / 4096;
+	sv.f_bfree = 0;
+	sv.f_bavail = 0;
+	sv.f_files = n + 1;
+	sv.f_ffree = 0;
+	sv.f_namemax = 255;
+	if (fs->img->read_only)
+		sv.f_flag |= ST_RDONLY;
+	fuse_reply_statfs(req, &sv);
+}
+
+/* ---- files ----------------------------------------------------------------- */
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fs *fs = FS(req);
+	struct fs_node *n = node_by_ino(fs, ino);
+	struct view *v = node_view(fs, n);
+
+	if (!v) {
+		fuse_reply_err(req, n ? EISDIR : ENOENT);
+		return;
+	}
+	if ((fi->flags & O_ACCMODE) != O_RDONLY && !v->writable) {
+		fuse_reply_err(req, fs->img->read_only || v->kind == VIEW_SNAPSHOT ? EROFS : EACCES);
+		return;
+	}
+	/* the file handle pins the view: it stays valid (retired, not freed)
+	 * if the partition table is rewritten while the file is open */
+	fi->fh = (uintptr_t)v;
+	/* Keep the kernel page cache across opens: every write path
+	 * invalidates it through the image's observers.  With -s there is no
+	 * second thread to answer reads while an invalidation waits, so no
+	 * page cache at all. */
+	fi->keep_cache = !fs->single_thread;
+	fi->direct_io = fs->single_thread;
+	fi->noflush = 1;
+	fuse_reply_open(req, fi);
+}
+
+static struct view *FV(struct fuse_file_info *fi) { return (struct view *)(uintptr_t)fi->fh; }
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	struct view *v = FV(fi);
+	uint64_t uoff = (uint64_t)off;
+	void *buf;
+	int r;
+
+	if (off < 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if (uoff >= v->length) {
+		fuse_reply_buf(req, NULL, 0);
+		return;
+	}
+	size = (size_t)MIN((uint64_t)size, v->length - uoff);
+	buf = malloc(size);
+	if (!buf) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	r = bdev_pread(v->dev, buf, size, uoff);
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		fuse_reply_buf(req, buf, size);
+	free(buf);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
+		     off_t off, struct fuse_file_info *fi)
+{
+	struct view *v = FV(fi);
+	uint64_t uoff = (uint64_t)off;
+	unsigned flags = (fi->flags & (O_SYNC | O_DSYNC)) ? BDEV_FUA : 0;
+	int r;
+
+	if (!v->writable) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	if (off < 0 || uoff > v->length) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	/* a device does not grow: a write at the end is "no space" */
+	if (size > v->length - uoff) {
+		if (uoff == v->length) {
+			fuse_reply_err(req, ENOSPC);
+			return;
+		}
+		size = (size_t)(v->length - uoff);
+	}
+	writing_ino = ino;
+	r = bdev_pwrite(v->dev, buf, size, uoff, flags);
+	writing_ino = 0;
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		fuse_reply_write(req, size);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+	int r = bdev_flush(FV(fi)->dev);
+
+	fuse_reply_err(req, -r);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	/* writes are not cached here: close() has nothing to push */
+	fuse_reply_err(req, 0);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	fuse_reply_err(req, 0);
+}
+
+/*
+ * fallocate: PUNCH_HOLE reads back as zeroes, always (a discard that may be
+ * ignored is not enough); ZERO_RANGE zeroes without deallocating; plain
+ * allocation inside the device is a no-op.  Nothing may grow the device.
+ */
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
+			 off_t len, struct fuse_file_info *fi)
+{
+	struct view *v = FV(fi);
+	uint64_t uoff = (uint64_t)off, ulen = (uint64_t)len;
+	int r;
+
+	if (off < 0 || len <= 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if (!v->writable) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	if (mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+		fuse_reply_err(req, EOPNOTSUPP);
+		return;
+	}
+	if (range_exceeds(uoff, ulen, v->length)) {
+		if (!(mode & FALLOC_FL_KEEP_SIZE) || uoff >= v->length) {
+			fuse_reply_err(req, (mode & FALLOC_FL_KEEP_SIZE) ? 0 : EFBIG);
+			return;
+		}
+		ulen = v->length - uoff;
+	}
+	writing_ino = ino;
+	if (mode & FALLOC_FL_PUNCH_HOLE)
+		r = bdev_zero(v->dev, uoff, ulen, BDEV_MAY_UNMAP);
+	else if (mode & FALLOC_FL_ZERO_RANGE)
+		r = bdev_zero(v->dev, uoff, ulen, 0);
+	else
+		r = 0;
+	writing_ino = 0;
+	fuse_reply_err(req, -r);
+}
+
+/* SEEK_DATA / SEEK_HOLE from block status: a hole is a range that reads as
+ * zeroes, so cp --sparse and qemu-img convert keep holes. */
+static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+		     struct fuse_file_info *fi)
+{
+	struct view *v = FV(fi);
+	uint64_t pos = (uint64_t)off;
+
+	if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if (off < 0 || pos >= v->length) {
+		fuse_reply_err(req, ENXIO);
+		return;
+	}
+	while (pos < v->length) {
+		uint64_t run;
+		unsigned st, depth;
+		int r = bdev_block_status(v->dev, pos, v->length - pos, &run, &st, &depth);
+		bool zero;
+
+		if (r < 0) { /* unknown: call it data */
+			if (whence == SEEK_DATA) {
+				fuse_reply_lseek(req, (off_t)pos);
+				return;
+			}
+			run = MIN(v->length - pos, (uint64_t)FS_MAX_IO);
+			pos += run;
+			continue;
+		}
+		zero = st & BDEV_ST_ZERO;
+		if ((whence == SEEK_DATA && !zero) || (whence == SEEK_HOLE && zero)) {
+			fuse_reply_lseek(req, (off_t)pos);
+			return;
+		}
+		pos += run;
+	}
+	if (whence == SEEK_HOLE)
+		fuse_reply_lseek(req, (off_t)v->length);
+	else
+		fuse_reply_err(req, ENXIO);
+}
+
+/* ---- extended attributes ------------------------------------------------- */
+
+#define XATTR_PREFIX "user.imgfs."
+static const char *const xattr_names[] = {
+	"image", "view", "format", "offset", "length", "control",
+};
+
+static char *xattr_value(struct fs *fs, struct view *v, const char *key)
+{
+	if (!strcmp(key, "image"))
+		return g_strdup(fs->img->path);
+	if (!strcmp(key, "view"))
+		return v ? g_strdup(v->name) : NULL;
+	if (!strcmp(key, "format"))
+		return g_strdup(fs->img->format);
+	if (!strcmp(key, "offset"))
+		/* a snapshot is no slice of disk: its bytes start at its own 0 */
+		return v ? g_strdup_printf("%" PRIu64, v->offset == UINT64_MAX ? 0 : v->offset) : NULL;
+	if (!strcmp(key, "length"))
+		return v ? g_strdup_printf("%" PRIu64, v->length) : NULL;
+	if (!strcmp(key, "control"))
+		return fs->control_path ? g_strdup(fs->control_path) : NULL;
+	return NULL;
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+	struct fs *fs = FS(req);
+	struct fs_node *n = node_by_ino(fs, ino);
+	struct view *v = node_view(fs, n);
+	char *val;
+	size_t len;
+
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	if (strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX))) {
+		fuse_reply_err(req, ENODATA);
+		return;
+	}
+	val = xattr_value(fs, v, name + strlen(XATTR_PREFIX));
+	if (!val) {
+		fuse_reply_err(req, ENODATA);
+		return;
+	}
+	len = strlen(val);
+	if (size == 0)
+		fuse_reply_xattr(req, len);
+	else if (size < len)
+		fuse_reply_err(req, ERANGE);
+	else
+		fuse_reply_buf(req, val, len);
+	g_free(val);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+	struct fs *fs = FS(req);
+	struct fs_node *n = node_by_ino(fs, ino);
+	struct view *v = node_view(fs, n);
+	GString *list = g_string_new(NULL);
+
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		g_string_free(list, TRUE);
+		return;
+	}
+	for (unsigned i = 0; i < ARRAY_SIZE(xattr_names); i++) {
+		char *val = xattr_value(fs, v, xattr_names[i]);
+
+		if (!val)
+			continue;
+		g_free(val);
+		g_string_append(list, XATTR_PREFIX);
+		g_string_append(list, xattr_names[i]);
+		g_string_append_c(list, '\0');
+	}
+	if (size == 0)
+		fuse_reply_xattr(req, list->len);
+	else if (size < list->len)
+		fuse_reply_err(req, ERANGE);
+	else
+		fuse_reply_buf(req, list->str, list->len);
+	g_string_free(list, TRUE);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
+			const char *value, size_t size, int flags)
+{
+	fuse_reply_err(req, strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) ? ENOTSUP : EPERM);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+	fuse_reply_err(req, strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) ? ENOTSUP : EPERM);
+}
+
+/* ---- coherency ---------------------------------------------------------- */
+
+/*
+ * A disk range changed: drop the kernel's cached pages of every view that
+ * overlaps it, except the inode this thread is writing through (the kernel
+ * keeps that one up to date itself, and invalidating it from inside its own
+ * write would deadlock on the page locks the write holds).
+ */
+void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len)
+{
+	struct fs *fs = opaque;
+	struct view **views;
+	unsigned n;
+
+	if (fs->single_thread || !fs->se)
+		return;
+	n = image_list_views(fs->img, &views, NULL);
+	for (unsigned i = 0; i < n; i++) {
+		struct view *v = views[i];
+		uint64_t start, end;
+		fuse_ino_t ino;
+
+		if (v->offset == UINT64_MAX)
+			continue;
+		if (off >= v->offset + v->length || off + len <= v->offset)
+			continue;
+		if (fs->dir_mode) {
+			ino = node_for_name(fs, v->name)->ino;
+		} else {
+			if (strcmp(v->name, fs->file_view))
+				continue;
+			ino = FUSE_ROOT_ID;
+		}
+		if (ino == writing_ino)
+			continue;
+		start = MAX(off, v->offset) - v->offset;
+		end = MIN(off + len, v->offset + v->length) - v->offset;
+		fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
+	}
+	free(views);
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+	struct fs *fs = userdata;
+
+	/* 1 MiB requests: libfuse derives max_pages from max_write */
+	conn->max_write = FS_MAX_IO;
+	conn->max_readahead = FS_MAX_IO;
+	conn->want |= FUSE_CAP_ASYNC_READ & conn->capable;
+	conn->want |= FUSE_CAP_PARALLEL_DIROPS & conn->capable;
+	/* our invalidations are explicit; mtime changes must not drop caches */
+	conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+	conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+	conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+	(void)fs;
+}
+
+const struct fuse_lowlevel_ops fs_ops = {
+	.init = op_init,
+	.lookup = op_lookup,
+	.getattr = op_getattr,
+	.setattr = op_setattr,
+	.opendir = op_opendir,
+	.readdir = op_readdir,
+	.statfs = op_statfs,
+	.open = op_open,
+	.read = op_read,
+	.write = op_write,
+	.flush = op_flush,
+	.release = op_release,
+	.fsync = op_fsync,
+	.fallocate = op_fallocate,
+	.lseek = op_lseek,
+	.getxattr = op_getxattr,
+	.listxattr = op_listxattr,
+	.setxattr = op_setxattr,
+	.removexattr = op_removexattr,
+};

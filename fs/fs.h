@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* The FUSE front end: kernel requests onto views, nothing in between. */
+#ifndef IMGFS_FS_H
+#define IMGFS_FS_H
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+#include <glib.h>
+#include <sys/stat.h>
+
+#include "image.h"
+
+struct fs_node {
+	fuse_ino_t ino;
+	char *name;          /* view name; NULL for the root directory */
+};
+
+struct fs {
+	struct image *img;
+	struct fuse_session *se;
+	bool dir_mode;       /* mountpoint is a directory: every view a file */
+	char *file_view;     /* file mode: the one view shown */
+	struct stat image_st;/* the image file's mode, owner, times */
+	bool single_thread;  /* no page cache: -s cannot serve invalidation */
+	char *control_path;  /* NBD control socket, exposed as user.imgfs.control */
+	struct nbd_control *control;
+
+	GMutex nodes_lock;
+	GHashTable *by_name; /* view name -> struct fs_node*; inodes are stable for a name */
+	GPtrArray *by_ino;   /* ino - 1 -> struct fs_node* (index 0 is the root) */
+	void *observer;
+};
+
+extern const struct fuse_lowlevel_ops fs_ops;
+void fs_init_nodes(struct fs *fs);
+void fs_free_nodes(struct fs *fs);
+/* Observer: invalidate the kernel cache of every view overlapping a disk write. */
+void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len);
+
+#endif

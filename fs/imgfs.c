@@ -1,0 +1,508 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * imgfs: show a disk image (qcow2 or raw) as raw bytes through FUSE — over a
+ * regular file (one view) or as a directory of views.
+ *
+ * Start-up order matters for "the parent exits 0 only once the mount
+ * answers": open the image and mount in the first process (so every error
+ * reaches the user's terminal as one line), then fork; the child serves the
+ * mount, and the parent returns only after a stat() of the mountpoint has
+ * been answered by the child.
+ */
+#include "config.h"
+#include "fs.h"
+#include "control.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* Exit codes (documented in imgfs(1)) */
+enum {
+	EXIT_OK = 0,
+	EXIT_USAGE = 1,   /* bad command line */
+	EXIT_IMAGE = 2,   /* the image cannot be opened */
+	EXIT_MOUNT = 3,   /* the mount failed */
+	EXIT_RUNTIME = 4, /* failure while running or closing */
+};
+
+struct cli {
+	char *image;
+	char *mountpoint;
+	int foreground, debug, single, verbose;
+	char *format;
+	int read_only, no_backing;
+	char *pid_file;
+	char *view;
+	int partition;
+	char *snapshot;
+	int list, json;
+	int help, version;
+	int nonopts;
+	int bad;
+};
+
+enum { KEY_NONOPT_MY = 100, KEY_RO, KEY_DEBUG, KEY_HELP, KEY_VERSION, KEY_VERBOSE };
+
+#define OPT(t, f, v) { t, offsetof(struct cli, f), v }
+static const struct fuse_opt cli_opts[] = {
+	OPT("-f", foreground, 1),
+	OPT("-s", single, 1),
+	OPT("-r", read_only, 1),
+	OPT("--read-only", read_only, 1),
+	OPT("--format=%s", format, 0),
+	OPT("format=%s", format, 0),
+	OPT("--no-backing", no_backing, 1),
+	OPT("no_backing", no_backing, 1),
+	OPT("--pid-file=%s", pid_file, 0),
+	OPT("pid_file=%s", pid_file, 0),
+	OPT("--view=%s", view, 0),
+	OPT("view=%s", view, 0),
+	OPT("-P %i", partition, 0),
+	OPT("--partition=%i", partition, 0),
+	OPT("partition=%i", partition, 0),
+	OPT("-l %s", snapshot, 0),
+	OPT("--snapshot=%s", snapshot, 0),
+	OPT("--load-snapshot=%s", snapshot, 0),
+	OPT("snapshot=%s", snapshot, 0),
+	OPT("--list", list, 1),
+	OPT("--json", json, 1),
+	FUSE_OPT_KEY("ro", KEY_RO),
+	FUSE_OPT_KEY("-d", KEY_DEBUG),
+	FUSE_OPT_KEY("--debug", KEY_DEBUG),
+	FUSE_OPT_KEY("-h", KEY_HELP),
+	FUSE_OPT_KEY("--help", KEY_HELP),
+	FUSE_OPT_KEY("-V", KEY_VERSION),
+	FUSE_OPT_KEY("--version", KEY_VERSION),
+	FUSE_OPT_KEY("-v", KEY_VERBOSE),
+	FUSE_OPT_KEY("--verbose", KEY_VERBOSE),
+	FUSE_OPT_END
+};
+
+static int cli_proc(void *data, const char *arg, int key, struct fuse_args *out)
+{
+	struct cli *c = data;
+
+	switch (key) {
+	case FUSE_OPT_KEY_NONOPT:
+		if (c->nonopts == 0)
+			c->image = strdup(arg);
+		else if (c->nonopts == 1)
+			c->mountpoint = strdup(arg);
+		else {
+			fprintf(stderr, "imgfs: unexpected argument '%s' (usage: imgfs [OPTIONS] IMAGE MOUNTPOINT)\n", arg);
+			c->bad = 1;
+		}
+		c->nonopts++;
+		return 0;
+	case KEY_RO:
+		c->read_only = 1;
+		return 1; /* the kernel mount is read-only too */
+	case KEY_DEBUG:
+		c->debug = 1;
+		c->foreground = 1;
+		return 1; /* libfuse's own request tracing */
+	case KEY_HELP:
+		c->help = 1;
+		return 0;
+	case KEY_VERSION:
+		c->version = 1;
+		return 0;
+	case KEY_VERBOSE:
+		c->verbose++;
+		return 0;
+	case FUSE_OPT_KEY_OPT:
+		if (arg[0] == '-' && strcmp(arg, "-o")) {
+			fprintf(stderr, "imgfs: unknown option '%s' (see imgfs --help)\n", arg);
+			c->bad = 1;
+			return 0;
+		}
+		return 1;
+	default:
+		return 1;
+	}
+}
+
+static void usage(FILE *f)
+{
+	fputs(
+"Usage: imgfs [OPTIONS] IMAGE MOUNTPOINT\n"
+"       imgfs --list [--json] IMAGE\n"
+"\n"
+"Show a qcow2 or raw disk image as raw bytes.  MOUNTPOINT a regular file\n"
+"(IMAGE itself, even): that file shows one view, 'disk' unless chosen\n"
+"otherwise.  MOUNTPOINT a directory: it shows every view as a file —\n"
+"disk, pN for each partition, snap@NAME for each qcow2 internal snapshot.\n"
+"\n"
+"Image options:\n"
+"  --format=raw|qcow2     image format (default: probe; a probed raw image\n"
+"                         that starts with another format's magic is refused)\n"
+"  -r, --read-only        open the image read-only\n"
+"  --no-backing           do not open backing files (unallocated reads as zeroes)\n"
+"\n"
+"View options (file mounts):\n"
+"  --view=NAME            show view NAME (disk, pN, snap@NAME)\n"
+"  -P N, --partition=N    show partition N\n"
+"  -l NAME|ID, --snapshot=NAME|ID\n"
+"                         show an internal snapshot (read-only); also\n"
+"                         snapshot.id=ID or snapshot.name=NAME\n"
+"\n"
+"Listing:\n"
+"  --list                 print the image's views and exit\n"
+"  --json                 with --list: as JSON\n"
+"\n"
+"Mount options:\n"
+"  -f                     stay in the foreground, log to stderr\n"
+"  -d, --debug            foreground, with libfuse request tracing\n"
+"  -s                     single-threaded (no kernel page cache)\n"
+"  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
+"                         fsname=, and those mount.fuse3 passes; image options\n"
+"                         as -o format=, view=, partition=, snapshot=,\n"
+"                         no_backing, pid_file= (for fstab)\n"
+"  --pid-file=PATH        write the daemon's pid to PATH\n"
+"  -v, --verbose          more log messages (twice: debug)\n"
+"  -h, --help             this text\n"
+"  -V, --version          the version\n"
+"\n"
+"Exit status: 0 mounted (or listed), 1 usage error, 2 image cannot be opened,\n"
+"3 mount failed, 4 failure while running or unmounting.\n"
+"Unmount with fusermount3 -u MOUNTPOINT, umount, or SIGTERM/SIGINT to the daemon.\n",
+	      f);
+}
+
+/* ---- --list ------------------------------------------------------------------ */
+
+static void json_str(const char *s)
+{
+	putchar('"');
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+
+		if (ch == '"' || ch == '\\')
+			printf("\\%c", ch);
+		else if (ch < 0x20 || ch == 0x7f)
+			printf("\\u%04x", ch);
+		else
+			putchar(ch);
+	}
+	putchar('"');
+}
+
+static const char *kind_name(enum view_kind k)
+{
+	return k == VIEW_DISK ? "disk" : k == VIEW_PARTITION ? "partition" : "snapshot";
+}
+
+static int do_list(struct cli *c)
+{
+	struct image_opts o = {
+		.format = c->format, .read_only = true, .no_backing = c->no_backing,
+		.force_share = true,
+	};
+	struct err e = { 0 };
+	struct image *img;
+	struct view **views;
+	unsigned n;
+
+	if (image_open(c->image, &o, &img, &e) < 0) {
+		fprintf(stderr, "imgfs: %s\n", e.msg);
+		return EXIT_IMAGE;
+	}
+	n = image_list_views(img, &views, NULL);
+	if (c->json) {
+		printf("{\"image\": ");
+		json_str(img->path);
+		printf(", \"format\": ");
+		json_str(img->format);
+		printf(", \"partition-table\": ");
+		json_str(img->part_scheme ? img->part_scheme : "");
+		printf(", \"views\": [");
+		for (unsigned i = 0; i < n; i++) {
+			struct view *v = views[i];
+
+			printf("%s\n  {\"name\": ", i ? "," : "");
+			json_str(v->name);
+			printf(", \"kind\": \"%s\", ", kind_name(v->kind));
+			if (v->offset != UINT64_MAX)
+				printf("\"offset\": %llu, ", (unsigned long long)v->offset);
+			else
+				printf("\"offset\": null, ");
+			printf("\"length\": %llu, \"writable\": %s, \"type\": ",
+			       (unsigned long long)v->length, v->writable && !img->read_only ? "true" : "false");
+			json_str(v->type);
+			printf(", \"label\": ");
+			json_str(v->label);
+			printf(", \"info\": ");
+			json_str(v->info);
+			putchar('}');
+		}
+		printf("\n]}\n");
+	} else {
+		printf("%-20s %14s %16s %-3s %-38s %s\n", "VIEW", "OFFSET", "LENGTH", "RW", "TYPE", "LABEL / INFO");
+		for (unsigned i = 0; i < n; i++) {
+			struct view *v = views[i];
+			char off[32];
+
+			if (v->offset == UINT64_MAX)
+				snprintf(off, sizeof(off), "-");
+			else
+				snprintf(off, sizeof(off), "%llu", (unsigned long long)v->offset);
+			printf("%-20s %14s %16llu %-3s %-38s %s%s%s\n", v->name, off,
+			       (unsigned long long)v->length, v->writable ? "rw" : "ro",
+			       v->type, v->label, v->label[0] && v->info[0] ? " " : "", v->info);
+		}
+	}
+	free(views);
+	image_close(img);
+	return EXIT_OK;
+}
+
+/* ---- mounting -------------------------------------------------------------- */
+
+static struct fs the_fs;
+
+static int write_pid_file(const char *path)
+{
+	FILE *f = fopen(path, "w");
+
+	if (!f)
+		return -errno;
+	fprintf(f, "%d\n", (int)getpid());
+	return fclose(f) == 0 ? 0 : -errno;
+}
+
+static int control_socket_path(char **out)
+{
+	const char *dir = getenv("IMGFS_RUNTIME_DIR");
+	char *d;
+
+	if (!dir)
+		dir = getuid() == 0 ? "/run/imgfs" : getenv("XDG_RUNTIME_DIR");
+	if (!dir)
+		dir = "/tmp";
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		dir = "/tmp";
+	d = g_strdup_printf("%s/imgfs-%d.ctl", dir, (int)getpid());
+	*out = d;
+	return 0;
+}
+
+/* Signals end the loop; a backgrounded shell job has SIGINT ignored, and
+ * libfuse leaves ignored signals alone, so restore the defaults first. */
+static int install_signals(struct fuse_session *se)
+{
+	signal(SIGINT, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
+	signal(SIGPIPE, SIG_IGN);
+	return fuse_set_signal_handlers(se);
+}
+
+static int serve(struct cli *c, struct fs *fs)
+{
+	struct fuse_loop_config *cfg;
+	int r;
+
+	if (c->single)
+		return fuse_session_loop(fs->se);
+	cfg = fuse_loop_cfg_create();
+	fuse_loop_cfg_set_clone_fd(cfg, 1);
+	fuse_loop_cfg_set_idle_threads(cfg, 16);
+	fuse_loop_cfg_set_max_threads(cfg, 64);
+	r = fuse_session_loop_mt(fs->se, cfg);
+	fuse_loop_cfg_destroy(cfg);
+	return r;
+}
+
+static void detach_stdio(void)
+{
+	int fd = open("/dev/null", O_RDWR);
+
+	if (fd >= 0) {
+		dup2(fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		if (fd > 2)
+			close(fd);
+	}
+}
+
+/* Wait until the mount answers (the child serves the stat), or the child dies. */
+static int parent_wait(pid_t child, const char *mountpoint, dev_t before)
+{
+	for (;;) {
+		struct stat st;
+		int status;
+
+		if (stat(mountpoint, &st) == 0 && st.st_dev != before)
+			return 0;
+		if (waitpid(child, &status, WNOHANG) == child)
+			return -1;
+		usleep(10000);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	struct cli c = { 0 };
+	struct fs *fs = &the_fs;
+	struct image_opts o = { 0 };
+	struct err e = { 0 };
+	struct stat mst;
+	struct view *v;
+	pid_t child;
+	int r, status = EXIT_OK;
+
+	if (fuse_opt_parse(&args, &c, cli_opts, cli_proc) < 0 || c.bad) {
+		fuse_opt_free_args(&args);
+		return EXIT_USAGE;
+	}
+	if (c.help) {
+		usage(stdout);
+		return EXIT_OK;
+	}
+	if (c.version) {
+		printf("imgfs %s (libfuse %d)\n", PACKAGE_VERSION, fuse_version());
+		return EXIT_OK;
+	}
+	log_set_level(c.verbose >= 2 || c.debug ? LOG_LVL_DEBUG : c.verbose ? LOG_LVL_INFO : LOG_LVL_WARN);
+	if (c.list) {
+		if (!c.image || c.mountpoint) {
+			fprintf(stderr, "imgfs: usage: imgfs --list [--json] IMAGE\n");
+			return EXIT_USAGE;
+		}
+		return do_list(&c);
+	}
+	if (!c.image || !c.mountpoint) {
+		fprintf(stderr, "imgfs: usage: imgfs [OPTIONS] IMAGE MOUNTPOINT (see imgfs --help)\n");
+		return EXIT_USAGE;
+	}
+	if ((c.view != NULL) + (c.partition > 0) + (c.snapshot != NULL) > 1) {
+		fprintf(stderr, "imgfs: choose one of --view, -P and -l\n");
+		return EXIT_USAGE;
+	}
+	if (stat(c.mountpoint, &mst) < 0) {
+		fprintf(stderr, "imgfs: mountpoint %s: %s\n", c.mountpoint, strerror(errno));
+		return EXIT_MOUNT;
+	}
+	if (!S_ISDIR(mst.st_mode) && !S_ISREG(mst.st_mode)) {
+		fprintf(stderr, "imgfs: mountpoint %s: not a directory or a regular file\n", c.mountpoint);
+		return EXIT_MOUNT;
+	}
+	fs->dir_mode = S_ISDIR(mst.st_mode);
+	if (fs->dir_mode && (c.view || c.partition > 0 || c.snapshot)) {
+		fprintf(stderr, "imgfs: --view, -P and -l choose the view of a file mount; %s is a directory (it shows every view)\n",
+			c.mountpoint);
+		return EXIT_USAGE;
+	}
+
+	o.format = c.format;
+	o.read_only = c.read_only;
+	o.no_backing = c.no_backing;
+	if (stat(c.image, &fs->image_st) < 0) {
+		fprintf(stderr, "imgfs: %s: %s\n", c.image, strerror(errno));
+		return EXIT_IMAGE;
+	}
+	if (image_open(c.image, &o, &fs->img, &e) < 0) {
+		fprintf(stderr, "imgfs: %s\n", e.msg);
+		return EXIT_IMAGE;
+	}
+	if (!fs->dir_mode) {
+		v = image_pick_view(fs->img, c.view, c.partition, c.snapshot, &e);
+		if (!v) {
+			fprintf(stderr, "imgfs: %s\n", e.msg);
+			image_close(fs->img);
+			return EXIT_USAGE;
+		}
+		fs->file_view = g_strdup(v->name);
+	}
+	fs->single_thread = c.single;
+	fs_init_nodes(fs);
+
+	if (!fuse_opt_add_arg(&args, "-o") && !fuse_opt_add_arg(&args, "default_permissions")) {
+		char *fsname = g_strdup_printf("-ofsname=%s,subtype=imgfs", fs->img->path);
+		/* commas in a path would split the option: fsname is cosmetic */
+		if (!strchr(fs->img->path, ','))
+			fuse_opt_add_arg(&args, fsname);
+		g_free(fsname);
+	}
+	fs->se = fuse_session_new(&args, &fs_ops, sizeof(fs_ops), fs);
+	fuse_opt_free_args(&args);
+	if (!fs->se) {
+		/* libfuse has printed which option it did not know */
+		fprintf(stderr, "imgfs: cannot set up the FUSE session (bad -o option?)\n");
+		image_close(fs->img);
+		return EXIT_USAGE;
+	}
+	if (fuse_session_mount(fs->se, c.mountpoint) != 0) {
+		fprintf(stderr, "imgfs: cannot mount on %s\n", c.mountpoint);
+		fuse_session_destroy(fs->se);
+		image_close(fs->img);
+		return EXIT_MOUNT;
+	}
+
+	if (!c.foreground) {
+		fflush(NULL);
+		child = fork();
+		if (child < 0) {
+			fprintf(stderr, "imgfs: fork: %s\n", strerror(errno));
+			fuse_session_unmount(fs->se);
+			return EXIT_MOUNT;
+		}
+		if (child > 0) {
+			if (parent_wait(child, c.mountpoint, mst.st_dev) < 0) {
+				fprintf(stderr, "imgfs: the daemon exited before the mount answered\n");
+				fuse_session_unmount(fs->se);
+				_exit(EXIT_MOUNT);
+			}
+			_exit(EXIT_OK);
+		}
+		setsid();
+	}
+	if (c.pid_file && (r = write_pid_file(c.pid_file)) < 0)
+		log_warn("cannot write pid file %s: %s", c.pid_file, strerror(-r));
+	if (install_signals(fs->se) != 0)
+		log_warn("cannot install signal handlers");
+	fs->observer = image_add_observer(fs->img, fs_on_disk_write, fs);
+	control_socket_path(&fs->control_path);
+	fs->control = nbd_control_start(fs->img, fs->control_path, &e);
+	if (!fs->control) {
+		log_warn("NBD control socket %s: %s (imgfs-nbd on this mount will not work)",
+			 fs->control_path, e.msg);
+		g_free(fs->control_path);
+		fs->control_path = NULL;
+	}
+	if (!c.foreground) {
+		log_use_syslog("imgfs");
+		detach_stdio();
+		if (chdir("/") < 0)
+			log_warn("chdir /: %s", strerror(errno));
+	}
+	log_info("%s mounted on %s", fs->img->path, c.mountpoint);
+
+	serve(&c, fs);
+	/* however the loop ended — unmount, SIGTERM, SIGINT — end the same way */
+	fuse_remove_signal_handlers(fs->se);
+	if (fs->control)
+		nbd_control_stop(fs->control);
+	image_remove_observer(fs->img, fs->observer);
+	fuse_session_unmount(fs->se);
+	fuse_session_destroy(fs->se);
+	fs->se = NULL;
+	if (image_close(fs->img) < 0) {
+		log_err("flushing %s on close failed", c.image);
+		status = EXIT_RUNTIME;
+	}
+	fs_free_nodes(fs);
+	if (c.pid_file)
+		unlink(c.pid_file);
+	if (fs->control_path)
+		unlink(fs->control_path);
+	return status;
+}
