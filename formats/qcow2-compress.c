@@ -1,0 +1,102 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Compressed clusters (§ "Compressed Clusters Descriptor", header byte 104):
+ * deflate as a raw stream with a 4 KiB window (inflateInit2 with -12), or
+ * zstd frames with no stored size.  A cluster must decompress to exactly
+ * cluster_size bytes; less, more, or a broken stream is -EIO.
+ *
+ * The input is the descriptor's sector span, which may end past the
+ * compressed data (sectors are shared) or be cut short at EOF: decoders stop
+ * on the output, not on the input.
+ */
+#include "qcow2-int.h"
+
+#include <errno.h>
+#include <zlib.h>
+#include <zstd.h>
+
+static int inflate_cluster(void *out, size_t out_len, const void *src, size_t src_len)
+{
+	uint8_t extra;
+	z_stream z;
+	int zr, r = -EIO;
+
+	memset(&z, 0, sizeof(z));
+	if (inflateInit2(&z, -12) != Z_OK)
+		return -ENOMEM;
+	z.next_in = (Bytef *)src;
+	z.avail_in = (uInt)src_len;
+	z.next_out = out;
+	z.avail_out = (uInt)out_len;
+	zr = inflate(&z, Z_FINISH);
+	if (z.avail_out == 0) {
+		if (zr == Z_STREAM_END) {
+			r = 0;
+		} else if (zr == Z_OK || zr == Z_BUF_ERROR) {
+			/* The output is full but the stream has not ended (its
+			 * end marker may lie in a truncated last sector, which
+			 * qemu accepts).  It must not hold more data, though. */
+			z.next_out = &extra;
+			z.avail_out = 1;
+			zr = inflate(&z, Z_SYNC_FLUSH);
+			if (z.avail_out == 1 && zr != Z_NEED_DICT && zr != Z_DATA_ERROR &&
+			    zr != Z_MEM_ERROR)
+				r = 0;
+		}
+	}
+	inflateEnd(&z);
+	return r;
+}
+
+static int zstd_cluster(void *out, size_t out_len, const void *src, size_t src_len)
+{
+	ZSTD_inBuffer in = { src, src_len, 0 };
+	ZSTD_outBuffer o = { out, out_len, 0 };
+	ZSTD_DCtx *dctx = ZSTD_createDCtx();
+	uint8_t extra;
+	size_t zr = 1;
+	int r = -EIO;
+
+	if (!dctx)
+		return -ENOMEM;
+	/* a cluster is at most 2 MiB: refuse frames asking for larger windows */
+	ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, 23);
+	/* several frames may follow one another; keep going until full */
+	while (o.pos < o.size) {
+		size_t in_pos = in.pos, out_pos = o.pos;
+
+		zr = ZSTD_decompressStream(dctx, &o, &in);
+		if (ZSTD_isError(zr))
+			goto out;
+		if (in.pos == in_pos && o.pos == out_pos)
+			goto out; /* no progress: input exhausted, cluster short */
+	}
+	/* Full: the frame must end here, with no more output. */
+	while (zr != 0) {
+		ZSTD_outBuffer x = { &extra, 1, 0 };
+		size_t in_pos = in.pos;
+
+		zr = ZSTD_decompressStream(dctx, &x, &in);
+		if (ZSTD_isError(zr) || x.pos)
+			goto out;
+		if (zr != 0 && in.pos == in_pos)
+			goto out; /* incomplete frame */
+	}
+	r = 0;
+out:
+	ZSTD_freeDCtx(dctx);
+	return r;
+}
+
+int qcow2_decompress(unsigned type, void *out, size_t out_len,
+		     const void *src, size_t src_len)
+{
+	switch (type) {
+	case QCOW2_COMPRESS_ZLIB:
+		return inflate_cluster(out, out_len, src, src_len);
+	case QCOW2_COMPRESS_ZSTD:
+		return zstd_cluster(out, out_len, src, src_len);
+	default:
+		return -EIO;
+	}
+}
