@@ -77,11 +77,12 @@ struct image {
 	/* internal */
 	pthread_mutex_t obs_lock;
 	struct image_observer *observers;
-	struct bdev **retired; /* windows of an old partition table, freed at close */
+	struct view **retired; /* partition views of an old table, freed at close */
 	unsigned nretired;
 	pthread_mutex_t reread_lock;
-	bool part_dirty;
-	uint64_t part_extent;  /* bytes at the start (and end, for GPT) that hold the table */
+	const char *part_scheme;   /* "mbr", "gpt" or "" */
+	uint64_t part_extent_head; /* bytes at the start that hold the table */
+	uint64_t part_extent_tail; /* bytes at the end (GPT backup) */
 };
 
 int image_open(const char *path, const struct image_opts *opts,

@@ -85,9 +85,15 @@ static inline bool is_pow2(uint64_t v) { return v && !(v & (v - 1)); }
 static inline uint64_t align_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
 static inline uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
 static inline bool is_aligned(uint64_t v, uint64_t a) { return (v & (a - 1)) == 0; }
+#ifndef MIN
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+#ifndef MAX
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
+#endif
+#ifndef ARRAY_SIZE
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#endif
 
 /* true if a + b overflows or exceeds limit */
 static inline bool range_exceeds(uint64_t a, uint64_t b, uint64_t limit)

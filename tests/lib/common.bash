@@ -1,0 +1,124 @@
+# Shared helpers for the bats suites: temp dirs, images made with the real
+# tools, and mounts/processes that are always cleaned up — by PID, even when
+# a test fails.  Load with:   load lib/common   and call  common_setup  /
+# common_teardown  from setup/teardown (or use the default ones below).
+
+: "${IMGFS:=${IMGFS_BUILDDIR:-$BATS_TEST_DIRNAME/..}/imgfs}"
+: "${IMGFS_NBD:=${IMGFS_BUILDDIR:-$BATS_TEST_DIRNAME/..}/imgfs-nbd}"
+export IMGFS IMGFS_NBD
+export IMGFS_RUNTIME_DIR="${IMGFS_RUNTIME_DIR:-/tmp}"
+
+_MOUNTS=()
+_PIDFILES=()
+_PIDS=()
+
+common_setup() {
+	T="$BATS_TEST_TMPDIR"
+	cd "$T" || return 1
+}
+
+# Run imgfs in the background (daemonised) and remember the mount and its pid.
+# usage: mount_imgfs IMAGE MOUNTPOINT [OPTIONS...]
+mount_imgfs() {
+	local image=$1 mnt=$2
+	shift 2
+	local pidfile
+	pidfile=$(mktemp "$BATS_TEST_TMPDIR/imgfs-pid.XXXXXX")
+	_MOUNTS+=("$mnt")
+	_PIDFILES+=("$pidfile")
+	"$IMGFS" --pid-file="$pidfile" "$@" "$image" "$mnt"
+}
+
+# The pid of the most recent mount_imgfs daemon.
+last_pid() {
+	cat "${_PIDFILES[-1]}"
+}
+
+# Remember a process started by the test, killed in teardown.
+track_pid() {
+	_PIDS+=("$1")
+}
+
+is_mounted() {
+	grep -q " $(realpath -s "$1") fuse" /proc/self/mounts
+}
+
+# Unmount and wait for the daemon to exit; fails if it leaves anything behind.
+unmount_imgfs() {
+	local mnt=$1 pid=""
+	for i in "${!_MOUNTS[@]}"; do
+		[ "${_MOUNTS[$i]}" = "$mnt" ] && pid=$(cat "${_PIDFILES[$i]}" 2>/dev/null)
+	done
+	fusermount3 -u "$mnt"
+	wait_gone "$pid"
+}
+
+# Wait (up to 10 s) for a pid to exit.
+wait_gone() {
+	local pid=$1
+	[ -n "$pid" ] || return 0
+	for _ in $(seq 100); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	echo "process $pid did not exit" >&2
+	return 1
+}
+
+common_teardown() {
+	local m p f
+	for p in "${_PIDS[@]}"; do
+		kill "$p" 2>/dev/null
+	done
+	for m in "${_MOUNTS[@]}"; do
+		if is_mounted "$m"; then
+			fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+		fi
+	done
+	for f in "${_PIDFILES[@]}"; do
+		p=$(cat "$f" 2>/dev/null) || continue
+		[ -n "$p" ] || continue
+		kill "$p" 2>/dev/null
+		wait_gone "$p" 2>/dev/null || kill -9 "$p" 2>/dev/null
+	done
+	for p in "${_PIDS[@]}"; do
+		wait_gone "$p" 2>/dev/null || kill -9 "$p" 2>/dev/null
+	done
+	for m in "${_MOUNTS[@]}"; do
+		if is_mounted "$m"; then
+			umount -l "$m" 2>/dev/null
+		fi
+	done
+	cd / || true
+}
+
+# Byte-for-byte equality, with a useful message.
+same_bytes() {
+	if ! cmp "$1" "$2"; then
+		echo "$1 and $2 differ" >&2
+		return 1
+	fi
+}
+
+# The raw bytes of an image as qemu sees them.
+# usage: qemu_raw IMAGE OUT [extra qemu-img convert args]
+qemu_raw() {
+	local img=$1 out=$2
+	shift 2
+	qemu-img convert -U "$@" -O raw "$img" "$out"
+}
+
+# Deterministic pseudo-random bytes: usage: pattern_file FILE SIZE_BYTES SEED
+pattern_file() {
+	python3 - "$1" "$2" "$3" <<'PY'
+import random, sys
+path, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(seed)
+with open(path, "wb") as f:
+    left = size
+    while left:
+        n = min(left, 1 << 20)
+        f.write(r.randbytes(n))
+        left -= n
+PY
+}
