@@ -1,0 +1,395 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The GUID partition table (UEFI spec 2.10, §5.3): pN is entry index N
+ * (1-based), empty entries skipped (SPEC §3).
+ *
+ * Layout, in 512-byte LBAs: LBA 0 the protective MBR (checked by
+ * partition.c), LBA 1 the primary header, its entry array (usually LBA
+ * 2-33), the partitions, then the backup entry array and the backup header
+ * on the last LBA.  The header (§5.3.2, little-endian):
+ *
+ *    0 "EFI PART"       24 MyLBA            72 PartitionEntryLBA
+ *    8 Revision         32 AlternateLBA     80 NumberOfPartitionEntries
+ *   12 HeaderSize       40 FirstUsableLBA   84 SizeOfPartitionEntry
+ *   16 HeaderCRC32      48 LastUsableLBA    88 PartitionEntryArrayCRC32
+ *   20 Reserved         56 DiskGUID
+ *
+ * and an entry (§5.3.3): 0 type GUID, 16 unique GUID, 32 StartingLBA,
+ * 40 EndingLBA (inclusive), 48 Attributes, 56 name (36 UTF-16LE units).
+ *
+ * A header is used only when its signature, HeaderSize (92..512), HeaderCRC32,
+ * MyLBA (where we read it), entry geometry and entry-array CRC32 all check.
+ * The primary is tried first; when it fails, the backup: at the primary's
+ * AlternateLBA if the primary header itself was sound, else (and then) at
+ * the last LBA of the disk.
+ *
+ * Bounds, chosen and enforced before anything is allocated or used:
+ *  - SizeOfPartitionEntry a multiple of 128, from 128 to GPT_ENTRY_SIZE_MAX
+ *    (the spec says 128 * 2^n; we take any multiple, as parted does);
+ *  - NumberOfPartitionEntries * SizeOfPartitionEntry <= GPT_ARRAY_MAX
+ *    (1 MiB: 8192 standard entries, 64 times the usual 128);
+ *  - the array inside the disk, clear of LBA 0 and of its own header;
+ *  - entries past index PART_MAX are not shown.
+ * First/LastUsableLBA are not trusted for anything: each partition is
+ * checked against the disk size and the table's own sectors instead (the
+ * shared policy in partition.c), which is what matters for a view.
+ */
+#include "partition.h"
+#include "partition-int.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#define GPT_HEADER_MIN      92u
+#define GPT_ENTRY_SIZE_MIN  128u
+#define GPT_ENTRY_SIZE_MAX  4096u
+#define GPT_ARRAY_MAX       (1u << 20)
+#define GPT_NAME_UNITS      36u
+
+struct gpt_header {
+	uint64_t my_lba;
+	uint64_t alt_lba;
+	uint64_t entries_lba;
+	uint32_t nentries;
+	uint32_t entry_size;
+	uint32_t entries_crc;
+	uint64_t array_bytes;  /* nentries * entry_size, checked */
+};
+
+static uint32_t crc32_buf(const void *buf, size_t len)
+{
+	return (uint32_t)crc32(crc32(0L, Z_NULL, 0), buf, (uInt)len);
+}
+
+static uint64_t sectors_for(uint64_t bytes)
+{
+	return (bytes + PART_SECTOR - 1) / PART_SECTOR;
+}
+
+/*
+ * Read and check the header at lba (which: "primary" or "backup" for the
+ * messages).  Returns 1 if sound, 0 if not (with a warning naming the
+ * value), or a negative errno.
+ */
+static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
+			   struct gpt_header *h)
+{
+	uint8_t s[PART_SECTOR];
+	uint64_t nsect = disk->size / PART_SECTOR;
+	uint32_t hsize, crc;
+	int r;
+
+	memset(h, 0, sizeof(*h));
+	if (lba == 0 || lba >= nsect) {
+		log_warn("GPT: %s header LBA %" PRIu64 " is outside the disk (%" PRIu64
+			 " sectors)", which, lba, nsect);
+		return 0;
+	}
+	r = bdev_pread(disk, s, sizeof(s), lba * PART_SECTOR);
+	if (r < 0)
+		return r;
+	if (memcmp(s, "EFI PART", 8) != 0) {
+		log_warn("GPT: no %s header at LBA %" PRIu64 " (no \"EFI PART\" signature)",
+			 which, lba);
+		return 0;
+	}
+	hsize = le32(s + 12);
+	if (hsize < GPT_HEADER_MIN || hsize > PART_SECTOR) {
+		log_warn("GPT: %s header at LBA %" PRIu64 ": HeaderSize %" PRIu32
+			 " is not in %u..%u", which, lba, hsize, GPT_HEADER_MIN, PART_SECTOR);
+		return 0;
+	}
+	crc = le32(s + 16);
+	memset(s + 16, 0, 4);  /* the CRC is computed with its own field zeroed */
+	if (crc32_buf(s, hsize) != crc) {
+		log_warn("GPT: %s header at LBA %" PRIu64 ": HeaderCRC32 0x%08" PRIx32
+			 " does not match its contents (0x%08" PRIx32 ")",
+			 which, lba, crc, crc32_buf(s, hsize));
+		return 0;
+	}
+	h->my_lba = le64(s + 24);
+	h->alt_lba = le64(s + 32);
+	h->entries_lba = le64(s + 72);
+	h->nentries = le32(s + 80);
+	h->entry_size = le32(s + 84);
+	h->entries_crc = le32(s + 88);
+	if (h->my_lba != lba) {
+		log_warn("GPT: %s header read at LBA %" PRIu64 " says it is at LBA %" PRIu64,
+			 which, lba, h->my_lba);
+		return 0;
+	}
+	if (h->entry_size < GPT_ENTRY_SIZE_MIN || h->entry_size > GPT_ENTRY_SIZE_MAX ||
+	    h->entry_size % GPT_ENTRY_SIZE_MIN) {
+		log_warn("GPT: %s header: SizeOfPartitionEntry %" PRIu32 " is not a "
+			 "multiple of %u from %u to %u", which, h->entry_size,
+			 GPT_ENTRY_SIZE_MIN, GPT_ENTRY_SIZE_MIN, GPT_ENTRY_SIZE_MAX);
+		return 0;
+	}
+	h->array_bytes = (uint64_t)h->nentries * h->entry_size; /* < 2^44 */
+	if (h->array_bytes > GPT_ARRAY_MAX) {
+		log_warn("GPT: %s header: %" PRIu32 " entries of %" PRIu32 " bytes "
+			 "exceed the %u-byte bound on the entry array",
+			 which, h->nentries, h->entry_size, GPT_ARRAY_MAX);
+		return 0;
+	}
+	if (h->entries_lba == 0 || h->entries_lba >= nsect ||
+	    sectors_for(h->array_bytes) > nsect - h->entries_lba ||
+	    (lba >= h->entries_lba && lba < h->entries_lba + sectors_for(h->array_bytes))) {
+		log_warn("GPT: %s header: entry array at LBA %" PRIu64 " (%" PRIu64
+			 " bytes) is outside the disk or overlaps LBA 0 or the header",
+			 which, h->entries_lba, h->array_bytes);
+		return 0;
+	}
+	return 1;
+}
+
+/*
+ * Read h's entry array into a new buffer (*out) and check its CRC.
+ * Returns 1 if sound, 0 if not (warned), or a negative errno.
+ */
+static int gpt_entries_read(struct bdev *disk, const struct gpt_header *h,
+			    const char *which, uint8_t **out)
+{
+	uint8_t *a = xmalloc(h->array_bytes);  /* bounded by GPT_ARRAY_MAX */
+	uint32_t crc;
+	int r;
+
+	*out = NULL;
+	r = bdev_pread(disk, a, h->array_bytes, h->entries_lba * PART_SECTOR);
+	if (r < 0) {
+		free(a);
+		return r;
+	}
+	crc = crc32_buf(a, h->array_bytes);
+	if (crc != h->entries_crc) {
+		log_warn("GPT: %s entry array at LBA %" PRIu64 ": PartitionEntryArrayCRC32 "
+			 "0x%08" PRIx32 " does not match its contents (0x%08" PRIx32 ")",
+			 which, h->entries_lba, h->entries_crc, crc);
+		free(a);
+		return 0;
+	}
+	*out = a;
+	return 1;
+}
+
+/* A header and its entries, both sound: 1; else 0 (warned); or -errno. */
+static int gpt_load(struct bdev *disk, uint64_t lba, const char *which,
+		    struct gpt_header *h, bool *header_ok, uint8_t **entries)
+{
+	int r;
+
+	*entries = NULL;
+	*header_ok = false;
+	r = gpt_header_read(disk, lba, which, h);
+	if (r <= 0)
+		return r;
+	*header_ok = true;
+	return gpt_entries_read(disk, h, which, entries);
+}
+
+/* The standard text form: the first three fields little-endian, lower case. */
+static void gpt_guid_format(const uint8_t *g, char out[37])
+{
+	snprintf(out, 37,
+		 "%08" PRIx32 "-%04x-%04x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+		 le32(g), le16(g + 4), le16(g + 6), g[8], g[9],
+		 g[10], g[11], g[12], g[13], g[14], g[15]);
+}
+
+static size_t utf8_put(char *out, uint32_t c)
+{
+	if (c < 0x80) {
+		out[0] = (char)c;
+		return 1;
+	}
+	if (c < 0x800) {
+		out[0] = (char)(0xc0 | c >> 6);
+		out[1] = (char)(0x80 | (c & 0x3f));
+		return 2;
+	}
+	if (c < 0x10000) {
+		out[0] = (char)(0xe0 | c >> 12);
+		out[1] = (char)(0x80 | (c >> 6 & 0x3f));
+		out[2] = (char)(0x80 | (c & 0x3f));
+		return 3;
+	}
+	out[0] = (char)(0xf0 | c >> 18);
+	out[1] = (char)(0x80 | (c >> 12 & 0x3f));
+	out[2] = (char)(0x80 | (c >> 6 & 0x3f));
+	out[3] = (char)(0x80 | (c & 0x3f));
+	return 4;
+}
+
+/*
+ * The 36 UTF-16LE units of a partition name to UTF-8, up to the first NUL.
+ * A lone surrogate becomes U+FFFD.  36 units need at most 108 bytes (a
+ * surrogate pair is 2 units for 4 bytes), so out (>= 109) always suffices.
+ */
+static void gpt_name_to_utf8(const uint8_t *name, char *out, size_t outlen)
+{
+	size_t o = 0;
+
+	for (unsigned i = 0; i < GPT_NAME_UNITS; i++) {
+		uint32_t c = le16(name + 2 * i);
+
+		if (c == 0)
+			break;
+		if (c >= 0xd800 && c < 0xdc00 && i + 1 < GPT_NAME_UNITS &&
+		    le16(name + 2 * i + 2) >= 0xdc00 && le16(name + 2 * i + 2) < 0xe000) {
+			c = 0x10000 + ((c - 0xd800) << 10) + (le16(name + 2 * i + 2) - 0xdc00);
+			i++;
+		} else if (c >= 0xd800 && c < 0xe000) {
+			c = 0xfffd;
+		}
+		if (o + 4 >= outlen)
+			break;
+		o += utf8_put(out + o, c);
+	}
+	out[o] = '\0';
+}
+
+/* Add the non-empty, valid entries of the array a described by h. */
+static void gpt_add_entries(struct bdev *disk, struct partition_table *t,
+			    const struct gpt_header *h, const uint8_t *a,
+			    uint64_t tail_off, uint64_t tail_len)
+{
+	static const uint8_t zero_guid[16];
+	uint64_t nsect = disk->size / PART_SECTOR;
+
+	for (uint32_t i = 0; i < h->nentries; i++) {
+		const uint8_t *e = a + (size_t)i * h->entry_size;
+		unsigned number = i + 1;
+		uint64_t first, last, off, len;
+		struct partition *p;
+
+		if (memcmp(e, zero_guid, 16) == 0)
+			continue;  /* empty entry */
+		if (number > PART_MAX) {
+			log_warn("GPT: entry %u and later are past the bound of %u "
+				 "partitions: not shown", number, PART_MAX);
+			return;
+		}
+		first = le64(e + 32);
+		last = le64(e + 40);
+		if (last < first) {
+			log_warn("GPT partition p%u ends (LBA %" PRIu64 ") before it "
+				 "starts (LBA %" PRIu64 "): not shown", number, last, first);
+			continue;
+		}
+		if (last >= nsect) {
+			/* checked in LBAs first: first * 512 might not fit 64 bits */
+			log_warn("GPT partition p%u (LBA %" PRIu64 "-%" PRIu64 ") ends "
+				 "past the end of the disk (%" PRIu64 " sectors): not shown",
+				 number, first, last, nsect);
+			continue;
+		}
+		off = first * PART_SECTOR;
+		len = (last - first + 1) * PART_SECTOR;
+		if (!partition_range_ok("GPT", number, off, len, disk->size,
+					0, t->table_bytes_head) ||
+		    !partition_range_ok("GPT", number, off, len, disk->size,
+					tail_off, tail_len))
+			continue;
+		p = partition_table_append(t);
+		if (!p)
+			return;  /* cannot happen: number <= PART_MAX bounds count */
+		p->number = number;
+		p->offset = off;
+		p->length = len;
+		gpt_guid_format(e, p->type);
+		gpt_guid_format(e + 16, p->uuid);
+		gpt_name_to_utf8(e + 56, p->label, sizeof(p->label));
+		p->bootable = le64(e + 48) & (1u << 2); /* legacy BIOS bootable */
+	}
+}
+
+int partition_gpt_read(struct bdev *disk, struct partition_table *out)
+{
+	uint64_t nsect = disk->size / PART_SECTOR;
+	struct gpt_header h, b = { 0 };
+	uint8_t *entries = NULL;
+	bool primary_header_ok, backup_header_ok = false, used_backup = false;
+	uint64_t tail_off = 0, tail_end = 0;
+	int r;
+
+	memset(out, 0, sizeof(*out));
+	if (nsect < 3)  /* protective MBR, a header, at least one more sector */
+		return 0;
+
+	r = gpt_load(disk, 1, "primary", &h, &primary_header_ok, &entries);
+	if (r < 0)
+		return r;
+	if (r == 0) {
+		/* The backup: where a sound primary header says, then the last LBA. */
+		uint64_t at[2] = { nsect - 1, nsect - 1 };
+		unsigned n = 0;
+
+		if (primary_header_ok && h.alt_lba != nsect - 1 && h.alt_lba > 1 &&
+		    h.alt_lba < nsect)
+			at[n++] = h.alt_lba;
+		at[n++] = nsect - 1;
+		for (unsigned i = 0; i < n && r == 0; i++) {
+			r = gpt_load(disk, at[i], "backup", &b, &backup_header_ok, &entries);
+			if (r < 0)
+				return r;
+		}
+		if (r == 0) {
+			log_warn("GPT: neither the primary nor the backup table is valid");
+			return 0;
+		}
+		log_warn("GPT: the primary table is damaged: using the backup at LBA %"
+			 PRIu64, b.my_lba);
+		used_backup = true;
+	} else if (h.alt_lba > 1 && h.alt_lba < nsect) {
+		/* Locate the backup only to watch its sectors (table_bytes_tail). */
+		r = gpt_header_read(disk, h.alt_lba, "backup", &b);
+		if (r < 0) {
+			free(entries);
+			return r;
+		}
+		backup_header_ok = r == 1;
+		if (!backup_header_ok) {
+			/* assume the usual layout: the array just before the header */
+			b = h;
+			b.my_lba = h.alt_lba;
+			b.entries_lba = h.alt_lba > sectors_for(h.array_bytes) ?
+				h.alt_lba - sectors_for(h.array_bytes) : h.alt_lba;
+		}
+	}
+
+	strcpy(out->scheme, "gpt");
+	/*
+	 * Head: the protective MBR, the primary header and the primary array.
+	 * When the primary is damaged its array is assumed at LBA 2, with the
+	 * backup's size, where every tool puts it.
+	 */
+	{
+		const struct gpt_header *ph = used_backup ? &b : &h;
+		uint64_t elba = used_backup ? 2 : h.entries_lba;
+		uint64_t end = MAX(2, elba + sectors_for(ph->array_bytes));
+
+		out->table_bytes_head = MIN(end, nsect) * PART_SECTOR;
+	}
+	/* Tail: the backup header and its array, if the disk holds them. */
+	if (used_backup || (h.alt_lba > 1 && h.alt_lba < nsect)) {
+		tail_off = MIN(b.my_lba, b.entries_lba) * PART_SECTOR;
+		tail_end = MAX(b.my_lba + 1, b.entries_lba + sectors_for(b.array_bytes)) *
+			   PART_SECTOR;
+		if (tail_off >= out->table_bytes_head) {
+			out->table_at_end = true;
+			out->table_bytes_tail = disk->size - tail_off;
+		} else {
+			tail_off = tail_end = 0; /* inside the head: watched already */
+		}
+	}
+
+	gpt_add_entries(disk, out, used_backup ? &b : &h, entries,
+			tail_off, tail_end - tail_off);
+	free(entries);
+	return 0;
+}
