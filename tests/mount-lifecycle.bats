@@ -1,0 +1,135 @@
+#!/usr/bin/env bats
+# How a mount starts and ends: the parent returns once the mount answers,
+# every way of ending it leaves nothing behind, failures leave no mount.
+
+load lib/common
+
+setup() {
+	common_setup
+	qemu-img create -q -f qcow2 a.qcow2 8M
+	qemu-io -c "write -P 0x5c 0 1M" a.qcow2 >/dev/null
+	mkdir mnt
+}
+teardown() { common_teardown; }
+
+@test "the parent exits 0 only when the mount answers" {
+	mount_imgfs a.qcow2 mnt
+	# no waiting: the mount must answer right away
+	[ "$(stat -c %s mnt/disk)" = 8388608 ]
+	is_mounted mnt
+}
+
+@test "fusermount3 -u ends the daemon and leaves no mount" {
+	mount_imgfs a.qcow2 mnt
+	pid=$(last_pid)
+	fusermount3 -u mnt
+	wait_gone "$pid"
+	! is_mounted mnt
+}
+
+@test "umount ends the daemon and leaves no mount" {
+	mount_imgfs a.qcow2 mnt
+	pid=$(last_pid)
+	umount mnt
+	wait_gone "$pid"
+	! is_mounted mnt
+}
+
+@test "SIGTERM unmounts cleanly" {
+	mount_imgfs a.qcow2 mnt
+	pid=$(last_pid)
+	kill -TERM "$pid"
+	wait_gone "$pid"
+	! is_mounted mnt
+	[ ! -e "${_PIDFILES[-1]}" ] || [ ! -s "${_PIDFILES[-1]}" ]
+	qemu-img check -q a.qcow2
+}
+
+@test "SIGINT unmounts cleanly, even when started from a script in the background" {
+	mount_imgfs a.qcow2 mnt
+	pid=$(last_pid)
+	kill -INT "$pid"
+	wait_gone "$pid"
+	! is_mounted mnt
+}
+
+@test "a foreground daemon ends with status 0 on SIGTERM" {
+	"$IMGFS" -f a.qcow2 mnt &
+	pid=$!
+	track_pid "$pid"
+	for _ in $(seq 50); do is_mounted mnt && break; sleep 0.1; done
+	is_mounted mnt
+	kill -TERM "$pid"
+	run wait "$pid"
+	[ "$status" -eq 0 ]
+	! is_mounted mnt
+}
+
+@test "a file mount over the image itself ends cleanly" {
+	before=$(sha256sum <a.qcow2)
+	mount_imgfs a.qcow2 a.qcow2
+	[ "$(stat -c %s a.qcow2)" = 8388608 ]
+	pid=$(last_pid)
+	fusermount3 -u a.qcow2
+	wait_gone "$pid"
+	[ "$(sha256sum <a.qcow2)" = "$before" ]
+}
+
+@test "a missing image: non-zero, one line, no mount" {
+	run "$IMGFS" nope.qcow2 mnt
+	[ "$status" -eq 2 ]
+	[ "${#lines[@]}" -eq 1 ]
+	[[ "${lines[0]}" == *nope.qcow2* ]]
+	! is_mounted mnt
+}
+
+@test "a missing mountpoint: non-zero, one line, no mount" {
+	run "$IMGFS" a.qcow2 nowhere
+	[ "$status" -eq 3 ]
+	[ "${#lines[@]}" -eq 1 ]
+	[[ "${lines[0]}" == *nowhere* ]]
+}
+
+@test "a bad format: non-zero, one line, no mount" {
+	run "$IMGFS" --format=vmdk a.qcow2 mnt
+	[ "$status" -eq 2 ]
+	[ "${#lines[@]}" -eq 1 ]
+	[[ "${lines[0]}" == *vmdk* ]]
+	! is_mounted mnt
+}
+
+@test "a qcow2 image forced to raw is shown as its raw bytes" {
+	mount_imgfs a.qcow2 mnt --format=raw -r
+	cmp mnt/disk a.qcow2
+}
+
+@test "a raw file that starts with a qcow2 magic is not probed as raw" {
+	printf 'QFI\xfb' >fake.img
+	truncate -s 1M fake.img
+	run "$IMGFS" fake.img mnt
+	[ "$status" -ne 0 ]
+	! is_mounted mnt
+}
+
+@test "an unknown -o option: non-zero, no mount" {
+	run "$IMGFS" -o no_such_option a.qcow2 mnt
+	[ "$status" -ne 0 ]
+	! is_mounted mnt
+}
+
+@test "the pid file names the daemon" {
+	mount_imgfs a.qcow2 mnt
+	pid=$(last_pid)
+	[ -n "$pid" ]
+	grep -q imgfs "/proc/$pid/cmdline"
+}
+
+@test "mount -t fuse.imgfs works through mount.fuse3" {
+	mkdir -p bin
+	ln -s "$IMGFS" bin/imgfs
+	PATH="$PWD/bin:$PATH" mount -t fuse.imgfs "$PWD/a.qcow2" "$PWD/mnt" -o ro
+	_MOUNTS+=("$PWD/mnt")
+	[ "$(stat -c %s mnt/disk)" = 8388608 ]
+	umount mnt
+	! is_mounted mnt
+}
