@@ -299,12 +299,13 @@ static int parse_header(struct qcow2 *s, const uint8_t *h, uint64_t avail, struc
 static int parse_cluster0(struct qcow2 *s, struct err *e)
 {
 	uint64_t fsize = qcow2_file_size(s->file);
-	uint64_t c0_len = MIN(s->cluster_size, fsize);
+	uint64_t c0_len = MIN(4096, fsize);
 	uint64_t bf_off, end;
 	uint32_t bf_len;
-	uint8_t *c0 = xmalloc(c0_len);
+	uint8_t *c0 = xmalloc(MAX(c0_len, 1));
 	int r;
 
+	/* the fixed header first; then all of cluster 0 once its size is known */
 	r = bdev_pread(s->file, c0, c0_len, 0);
 	if (r < 0) {
 		err_set(e, r, "%s: cannot read the header: %s", s->path, strerror(-r));
@@ -313,6 +314,16 @@ static int parse_cluster0(struct qcow2 *s, struct err *e)
 	r = parse_header(s, c0, c0_len, e);
 	if (r < 0)
 		goto out;
+	if (MIN(s->cluster_size, fsize) > c0_len) {
+		c0_len = MIN(s->cluster_size, fsize);
+		free(c0);
+		c0 = xmalloc(c0_len);
+		r = bdev_pread(s->file, c0, c0_len, 0);
+		if (r < 0) {
+			err_set(e, r, "%s: cannot read the header: %s", s->path, strerror(-r));
+			goto out;
+		}
+	}
 
 	bf_off = be64(c0 + 8);
 	bf_len = be32(c0 + 16);
