@@ -73,10 +73,11 @@ static uint64_t sectors_for(uint64_t bytes)
 
 /*
  * Read and check the header at lba (which: "primary" or "backup" for the
- * messages).  Returns 1 if sound, 0 if not (with a warning naming the
- * value), or a negative errno.
+ * messages).  True if sound; if not, false with a warning naming the value.
+ * A read error is damage like any other: the other copy may still be read
+ * (a qcow2 cluster that fails with EIO must not hide a good backup).
  */
-static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
+static bool gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
 			   struct gpt_header *h)
 {
 	uint8_t s[PART_SECTOR];
@@ -88,21 +89,24 @@ static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
 	if (lba == 0 || lba >= nsect) {
 		log_warn("GPT: %s header LBA %" PRIu64 " is outside the disk (%" PRIu64
 			 " sectors)", which, lba, nsect);
-		return 0;
+		return false;
 	}
 	r = bdev_pread(disk, s, sizeof(s), lba * PART_SECTOR);
-	if (r < 0)
-		return r;
+	if (r < 0) {
+		log_warn("GPT: cannot read the %s header at LBA %" PRIu64 ": %s",
+			 which, lba, strerror(-r));
+		return false;
+	}
 	if (memcmp(s, "EFI PART", 8) != 0) {
 		log_warn("GPT: no %s header at LBA %" PRIu64 " (no \"EFI PART\" signature)",
 			 which, lba);
-		return 0;
+		return false;
 	}
 	hsize = le32(s + 12);
 	if (hsize < GPT_HEADER_MIN || hsize > PART_SECTOR) {
 		log_warn("GPT: %s header at LBA %" PRIu64 ": HeaderSize %" PRIu32
 			 " is not in %u..%u", which, lba, hsize, GPT_HEADER_MIN, PART_SECTOR);
-		return 0;
+		return false;
 	}
 	crc = le32(s + 16);
 	memset(s + 16, 0, 4);  /* the CRC is computed with its own field zeroed */
@@ -110,7 +114,7 @@ static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
 		log_warn("GPT: %s header at LBA %" PRIu64 ": HeaderCRC32 0x%08" PRIx32
 			 " does not match its contents (0x%08" PRIx32 ")",
 			 which, lba, crc, crc32_buf(s, hsize));
-		return 0;
+		return false;
 	}
 	h->my_lba = le64(s + 24);
 	h->alt_lba = le64(s + 32);
@@ -121,21 +125,21 @@ static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
 	if (h->my_lba != lba) {
 		log_warn("GPT: %s header read at LBA %" PRIu64 " says it is at LBA %" PRIu64,
 			 which, lba, h->my_lba);
-		return 0;
+		return false;
 	}
 	if (h->entry_size < GPT_ENTRY_SIZE_MIN || h->entry_size > GPT_ENTRY_SIZE_MAX ||
 	    h->entry_size % GPT_ENTRY_SIZE_MIN) {
 		log_warn("GPT: %s header: SizeOfPartitionEntry %" PRIu32 " is not a "
 			 "multiple of %u from %u to %u", which, h->entry_size,
 			 GPT_ENTRY_SIZE_MIN, GPT_ENTRY_SIZE_MIN, GPT_ENTRY_SIZE_MAX);
-		return 0;
+		return false;
 	}
 	h->array_bytes = (uint64_t)h->nentries * h->entry_size; /* < 2^44 */
 	if (h->array_bytes > GPT_ARRAY_MAX) {
 		log_warn("GPT: %s header: %" PRIu32 " entries of %" PRIu32 " bytes "
 			 "exceed the %u-byte bound on the entry array",
 			 which, h->nentries, h->entry_size, GPT_ARRAY_MAX);
-		return 0;
+		return false;
 	}
 	if (h->entries_lba == 0 || h->entries_lba >= nsect ||
 	    sectors_for(h->array_bytes) > nsect - h->entries_lba ||
@@ -143,17 +147,17 @@ static int gpt_header_read(struct bdev *disk, uint64_t lba, const char *which,
 		log_warn("GPT: %s header: entry array at LBA %" PRIu64 " (%" PRIu64
 			 " bytes) is outside the disk or overlaps LBA 0 or the header",
 			 which, h->entries_lba, h->array_bytes);
-		return 0;
+		return false;
 	}
-	return 1;
+	return true;
 }
 
 /*
- * Read h's entry array into a new buffer (*out) and check its CRC.
- * Returns 1 if sound, 0 if not (warned), or a negative errno.
+ * Read h's entry array into a new buffer (*out) and check its CRC.  True if
+ * sound; false, with a warning, if not (or if it cannot be read).
  */
-static int gpt_entries_read(struct bdev *disk, const struct gpt_header *h,
-			    const char *which, uint8_t **out)
+static bool gpt_entries_read(struct bdev *disk, const struct gpt_header *h,
+			     const char *which, uint8_t **out)
 {
 	uint8_t *a = xmalloc(h->array_bytes);  /* bounded by GPT_ARRAY_MAX */
 	uint32_t crc;
@@ -162,8 +166,10 @@ static int gpt_entries_read(struct bdev *disk, const struct gpt_header *h,
 	*out = NULL;
 	r = bdev_pread(disk, a, h->array_bytes, h->entries_lba * PART_SECTOR);
 	if (r < 0) {
+		log_warn("GPT: cannot read the %s entry array at LBA %" PRIu64 ": %s",
+			 which, h->entries_lba, strerror(-r));
 		free(a);
-		return r;
+		return false;
 	}
 	crc = crc32_buf(a, h->array_bytes);
 	if (crc != h->entries_crc) {
@@ -171,25 +177,19 @@ static int gpt_entries_read(struct bdev *disk, const struct gpt_header *h,
 			 "0x%08" PRIx32 " does not match its contents (0x%08" PRIx32 ")",
 			 which, h->entries_lba, h->entries_crc, crc);
 		free(a);
-		return 0;
+		return false;
 	}
 	*out = a;
-	return 1;
+	return true;
 }
 
-/* A header and its entries, both sound: 1; else 0 (warned); or -errno. */
-static int gpt_load(struct bdev *disk, uint64_t lba, const char *which,
-		    struct gpt_header *h, bool *header_ok, uint8_t **entries)
+/* A header and its entries, both sound (else warned, *entries NULL). */
+static bool gpt_load(struct bdev *disk, uint64_t lba, const char *which,
+		     struct gpt_header *h, bool *header_ok, uint8_t **entries)
 {
-	int r;
-
 	*entries = NULL;
-	*header_ok = false;
-	r = gpt_header_read(disk, lba, which, h);
-	if (r <= 0)
-		return r;
-	*header_ok = true;
-	return gpt_entries_read(disk, h, which, entries);
+	*header_ok = gpt_header_read(disk, lba, which, h);
+	return *header_ok && gpt_entries_read(disk, h, which, entries);
 }
 
 /* The standard text form: the first three fields little-endian, lower case. */
@@ -315,30 +315,24 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 	uint8_t *entries = NULL;
 	bool primary_header_ok, backup_header_ok = false, used_backup = false;
 	uint64_t tail_off = 0, tail_end = 0;
-	int r;
 
 	memset(out, 0, sizeof(*out));
 	if (nsect < 3)  /* protective MBR, a header, at least one more sector */
 		return 0;
 
-	r = gpt_load(disk, 1, "primary", &h, &primary_header_ok, &entries);
-	if (r < 0)
-		return r;
-	if (r == 0) {
+	if (!gpt_load(disk, 1, "primary", &h, &primary_header_ok, &entries)) {
 		/* The backup: where a sound primary header says, then the last LBA. */
-		uint64_t at[2] = { nsect - 1, nsect - 1 };
+		uint64_t at[2];
 		unsigned n = 0;
+		bool ok = false;
 
 		if (primary_header_ok && h.alt_lba != nsect - 1 && h.alt_lba > 1 &&
 		    h.alt_lba < nsect)
 			at[n++] = h.alt_lba;
 		at[n++] = nsect - 1;
-		for (unsigned i = 0; i < n && r == 0; i++) {
-			r = gpt_load(disk, at[i], "backup", &b, &backup_header_ok, &entries);
-			if (r < 0)
-				return r;
-		}
-		if (r == 0) {
+		for (unsigned i = 0; i < n && !ok; i++)
+			ok = gpt_load(disk, at[i], "backup", &b, &backup_header_ok, &entries);
+		if (!ok) {
 			log_warn("GPT: neither the primary nor the backup table is valid");
 			return 0;
 		}
@@ -347,12 +341,7 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 		used_backup = true;
 	} else if (h.alt_lba > 1 && h.alt_lba < nsect) {
 		/* Locate the backup only to watch its sectors (table_bytes_tail). */
-		r = gpt_header_read(disk, h.alt_lba, "backup", &b);
-		if (r < 0) {
-			free(entries);
-			return r;
-		}
-		backup_header_ok = r == 1;
+		backup_header_ok = gpt_header_read(disk, h.alt_lba, "backup", &b);
 		if (!backup_header_ok) {
 			/* assume the usual layout: the array just before the header */
 			b = h;

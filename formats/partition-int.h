@@ -16,7 +16,9 @@
  * Parser contract (partition_mbr_read, partition_gpt_read): *out is filled
  * from scratch; scheme is set only when that kind of table was found and
  * valid, otherwise out is left empty (scheme "", count 0).  A negative errno
- * only for an I/O error, and then out holds nothing to free.
+ * only when sector 0 cannot be read, and then out holds nothing to free; a
+ * read error anywhere else (an EBR, a GPT header or array) is damage like a
+ * bad CRC: warned, and what can still be read is shown.
  */
 
 #define PART_SECTOR 512u /* logical sector size: imgfs shows 512-byte-sector disks */

@@ -79,7 +79,7 @@ static bool mbr_add(struct partition_table *t, struct bdev *disk, unsigned numbe
  * one-sector steps costs only PART_MAX reads.  There are valid tables that
  * order their EBRs backwards; like nbdkit, we do not accept them.
  */
-static int mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint64_t ext)
+static void mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint64_t ext)
 {
 	uint8_t sector[PART_SECTOR];
 	uint64_t ebr = ext;
@@ -100,10 +100,15 @@ static int mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint64
 				 ebr, disk->size);
 			break;
 		}
-		r = bdev_pread(disk, sector, sizeof(sector), ebr);
-		if (r < 0)
-			return r;
+		/* watched even if unreadable or blank: a write may mend it */
 		partition_table_add_sector(t, ebr);
+		r = bdev_pread(disk, sector, sizeof(sector), ebr);
+		if (r < 0) {
+			/* damage like any other: keep the partitions found so far */
+			log_warn("MBR: cannot read the EBR at byte %" PRIu64 ": %s: "
+				 "the logical partitions end there", ebr, strerror(-r));
+			break;
+		}
 		if (!mbr_signature_ok(sector)) {
 			log_warn("MBR: EBR at byte %" PRIu64 " has no 0x55aa signature: "
 				 "the logical partitions end there", ebr);
@@ -139,7 +144,6 @@ static int mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint64
 		}
 		ebr = next;
 	}
-	return 0;
 }
 
 int partition_mbr_read(struct bdev *disk, struct partition_table *out)
@@ -186,12 +190,7 @@ int partition_mbr_read(struct bdev *disk, struct partition_table *out)
 		mbr_add(out, disk, i + 1, &e, (uint64_t)e.start * PART_SECTOR, 0);
 	}
 
-	if (ext_slot) {
-		r = mbr_walk_logical(disk, out, ext);
-		if (r < 0) {
-			partition_table_free(out);
-			return r;
-		}
-	}
+	if (ext_slot)
+		mbr_walk_logical(disk, out, ext);
 	return 0;
 }

@@ -28,6 +28,7 @@
 struct mem_disk {
 	uint8_t *buf;
 	unsigned reads;  /* counts preads, to prove bounded work */
+	uint64_t bad_off, bad_len;  /* reads touching this range fail with EIO */
 };
 
 static int mem_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
@@ -35,6 +36,8 @@ static int mem_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	struct mem_disk *m = d->priv;
 
 	m->reads++;
+	if (m->bad_len && off < m->bad_off + m->bad_len && m->bad_off < off + len)
+		return -EIO;
 	memcpy(buf, m->buf + off, len);
 	return 0;
 }
@@ -65,6 +68,15 @@ static struct bdev *mem_disk_new(uint64_t nsect, uint8_t **buf)
 static unsigned mem_disk_reads(struct bdev *d)
 {
 	return ((struct mem_disk *)d->priv)->reads;
+}
+
+/* Make reads of sectors [sector, sector + n) fail with EIO. */
+static void mem_disk_bad(struct bdev *d, uint64_t sector, uint64_t n)
+{
+	struct mem_disk *m = d->priv;
+
+	m->bad_off = sector * SECTOR;
+	m->bad_len = n * SECTOR;
 }
 
 static int fd_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
@@ -853,6 +865,61 @@ static void test_gpt_small_disk(void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Read errors */
+
+/* Only an unreadable sector 0 is an error; elsewhere it is damage. */
+static void test_io_errors(void)
+{
+	struct gpt_geom g = { 128, 128 };
+	struct partition_table t;
+	uint8_t *b;
+	struct bdev *d = mem_disk_new(16384, &b);
+
+	/* sector 0 */
+	mbr_set(b, 0, 0, 0x83, 2048, 100);
+	mem_disk_bad(d, 0, 1);
+	g_assert_cmpint(partition_table_read(d, &t), ==, -EIO);
+	g_assert_cmpuint(t.count, ==, 0);
+	partition_table_free(&t);
+	bdev_close(d);
+
+	/* the second EBR: p1 and p5 stay */
+	d = mem_disk_new(16384, &b);
+	mbr_set(b, 0, 0, 0x83, 2048, 2048);
+	mbr_set(b, 1, 0, 0x0f, 4096, 8192);
+	ebr_set(b, 4096, 4096, 1, 100, 5096, 1000);
+	ebr_set(b, 4096, 5096, 2, 200, 6096, 1000);
+	ebr_set(b, 4096, 6096, 2048, 300, 0, 0);
+	mem_disk_bad(d, 5096, 1);
+	read_table(d, &t);
+	g_assert_cmpuint(t.count, ==, 2);
+	assert_part(&t, 1, 2048, 2048);
+	assert_part(&t, 5, 4097, 100);
+	/* the unreadable EBR is watched: rewriting it must re-read the table */
+	g_assert_cmpuint(t.ntable_sectors, ==, 2);
+	g_assert_cmpuint(t.table_sectors[1], ==, 5096ull * SECTOR);
+	partition_table_free(&t);
+	bdev_close(d);
+
+	/* GPT primary header, then primary array: the backup is used */
+	d = gpt_sample(&b, &g);
+	mem_disk_bad(d, 1, 1);
+	check_gpt_sample(d);
+	mem_disk_bad(d, 20, 1);
+	check_gpt_sample(d);
+	/* and both arrays: no GPT, the MBR has nothing else */
+	partition_table_free(&t);
+	bdev_close(d);
+	d = gpt_sample(&b, &g);
+	mem_disk_bad(d, 20, GPT_NSECT - 40);
+	read_table(d, &t);
+	g_assert_cmpstr(t.scheme, ==, "mbr");
+	g_assert_cmpuint(t.count, ==, 0);
+	partition_table_free(&t);
+	bdev_close(d);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Real tables written by sfdisk and sgdisk, compared with `sfdisk --json`. */
 
 static char *find_tool(const char *name)
@@ -1235,6 +1302,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/partition/gpt/bad-header-fields", test_gpt_bad_header_fields);
 	g_test_add_func("/partition/gpt/bad-entries", test_gpt_bad_entries);
 	g_test_add_func("/partition/gpt/small-disk", test_gpt_small_disk);
+	g_test_add_func("/partition/io-errors", test_io_errors);
 	g_test_add_func("/partition/sfdisk/mbr-logicals", test_sfdisk_mbr);
 	g_test_add_func("/partition/sgdisk/gpt-indexes", test_sgdisk_gpt);
 	g_test_add_func("/partition/sgdisk/gpt-backup", test_sgdisk_gpt_backup);
