@@ -60,6 +60,8 @@ int qcow2_check_l1(const struct qcow2 *s, uint64_t offset, uint64_t entries,
 	if (entries > QCOW2_MAX_L1_BYTES / 8)
 		return err_set(e, -EFBIG, "%s: %s has %" PRIu64 " entries (at most %" PRIu64 ")",
 			       s->path, what, entries, QCOW2_MAX_L1_BYTES / 8);
+	if (entries && offset == 0)
+		return err_set(e, -EINVAL, "%s: %s overlaps the header (offset 0)", s->path, what);
 	if (entries && !is_aligned(offset, s->cluster_size))
 		return err_set(e, -EINVAL, "%s: %s offset 0x%" PRIx64 " is not cluster-aligned",
 			       s->path, what, offset);
@@ -143,7 +145,7 @@ static int parse_extensions(struct qcow2 *s, const uint8_t *c0, uint64_t c0_len,
 			s->backing_fmt = ext_string(c0 + off, len);
 			break;
 		case QCOW2_EXT_DATA_FILE:
-			if (s->data_file_name || len == 0)
+			if (s->data_file_name || len == 0 || memchr(c0 + off, 0, len))
 				return err_set(e, -EINVAL, "%s: invalid data file name extension (length %u)",
 					       s->path, len);
 			s->data_file_name = ext_string(c0 + off, len);
@@ -345,14 +347,18 @@ static int parse_cluster0(struct qcow2 *s, struct err *e)
 		goto out;
 	}
 
+	/* v2 images have extensions too (qemu writes the backing format) */
 	end = bf_off ? bf_off : s->cluster_size;
-	if (s->version == 3) {
-		r = parse_extensions(s, c0, c0_len, end, e);
-		if (r < 0)
+	r = parse_extensions(s, c0, c0_len, end, e);
+	if (r < 0)
+		goto out;
+	if (bf_off && bf_len) {
+		if (memchr(c0 + bf_off, 0, bf_len)) {
+			r = err_set(e, -EINVAL, "%s: backing file name holds a NUL byte", s->path);
 			goto out;
-	}
-	if (bf_off && bf_len)
+		}
 		s->backing_name = ext_string(c0 + bf_off, bf_len);
+	}
 
 	/* Feature rules that involve extensions (§ "Header", bits 2 and 1). */
 	if ((s->autoclear & QCOW2_AUTOCLEAR_DATA_RAW) && !(s->incompat & QCOW2_INCOMPAT_DATA_FILE)) {

@@ -371,6 +371,8 @@ static void fix_hdrlen_big(const char *p) { patch32(p, 100, 65536 + 8); }
 static void fix_l1_small(const char *p) { patch32(p, 36, 0); }
 static void fix_l1_unaligned(const char *p) { patch64(p, 40, peek64(p, 40) + 512); }
 static void fix_l1_past_eof(const char *p) { patch64(p, 40, 1ull << 40); }
+static void fix_l1_at_zero(const char *p) { patch64(p, 40, 0); }
+static void fix_backing_nul(const char *p) { patch64(p, 8, 0x200); patch32(p, 16, 4); patch32(p, 0x200, 0x61006200); }
 static void fix_l1_huge(const char *p) { patch32(p, 36, 0x7fffffff); }
 static void fix_reftable_empty(const char *p) { patch32(p, 56, 0); }
 static void fix_reftable_huge(const char *p) { patch32(p, 56, 1000); }
@@ -414,6 +416,8 @@ static void test_header_refusals(void)
 	expect_refused(good, fix_l1_small, -EINVAL, "L1 table is too small");
 	expect_refused(good, fix_l1_unaligned, -EINVAL, "not cluster-aligned");
 	expect_refused(good, fix_l1_past_eof, -EINVAL, "past the end of the file");
+	expect_refused(good, fix_l1_at_zero, -EINVAL, "overlaps the header");
+	expect_refused(good, fix_backing_nul, -EINVAL, "NUL byte");
 	expect_refused(good, fix_l1_huge, -EFBIG, "L1 table has 2147483647 entries");
 	expect_refused(good, fix_reftable_empty, -EINVAL, "refcount table is empty");
 	expect_refused(good, fix_reftable_huge, -EFBIG, "refcount table too large");
@@ -508,7 +512,26 @@ static void test_cluster_sizes(void)
 
 static void test_v2(void)
 {
+	char *base, *img;
+	struct bdev *dev;
+
 	make_and_check("compat=0.10", "8M", PATTERN_WRITES);
+	if (!have_qemu())
+		return;
+	/* a v2 overlay keeps its backing format in an extension too */
+	base = tpath("v2base.raw");
+	img = tpath("v2top.qcow2");
+	sh("qemu-img create -q -f raw '%s' 8M && qemu-io -f raw -c 'write -P 0x71 0 8M' '%s' >/dev/null",
+	   base, base);
+	sh("qemu-img create -q -f qcow2 -o compat=0.10 -b '%s' -F raw '%s'", base, img);
+	sh("qemu-io -f qcow2 -c 'write -P 0x72 1m 3k' '%s' >/dev/null", img);
+	dev = must_open(img, NULL);
+	g_assert_cmpstr(((struct qcow2 *)qcow2_state(dev))->backing_fmt, ==, "raw");
+	compare_with_qemu(dev, img, NULL);
+	bdev_close(dev);
+	sh("rm -f '%s' '%s'", base, img);
+	g_free(base);
+	g_free(img);
 }
 
 static void test_refcount_bits(void)
