@@ -57,6 +57,7 @@ struct parsed {
 	int partition;
 	bool read_only, persistent, allocation_depth;
 	unsigned shared;
+	unsigned handshake_limit;
 };
 
 static int parse_request(char *msg, struct parsed *p, struct err *e)
@@ -98,6 +99,8 @@ static int parse_request(char *msg, struct parsed *p, struct err *e)
 			p->persistent = atoi(v);
 		else if (!strcmp(line, "allocation-depth"))
 			p->allocation_depth = atoi(v);
+		else if (!strcmp(line, "handshake-limit"))
+			p->handshake_limit = (unsigned)strtoul(v, NULL, 10);
 		else if (!strcmp(line, "shared"))
 			p->shared = (unsigned)strtoul(v, NULL, 10);
 		/* unknown keys: ignored, for later additions */
@@ -212,6 +215,7 @@ static void session_serve(struct session *s, int nbd_fd, char *msg)
 	o.persistent = p.persistent;
 	o.allocation_depth = p.allocation_depth;
 	o.default_export = dflt;
+	o.handshake_timeout = MIN(p.handshake_limit, 3600u);
 	w.fd = s->fd;
 	w.srv = nbd_server_new(x, n, &o);
 	free(x);
@@ -499,6 +503,8 @@ int nbd_control_request(const char *sock_path, int listen_fd,
 			    rq->allocation_depth ? "1" : "0", e);
 	snprintf(num, sizeof(num), "%u", rq->shared);
 	ok = ok && add_line(msg, &len, "shared", num, e);
+	snprintf(num, sizeof(num), "%u", rq->handshake_limit);
+	ok = ok && add_line(msg, &len, "handshake-limit", num, e);
 	if (!ok)
 		goto out;
 	if (strlen(sock_path) >= sizeof(sa.sun_path)) {

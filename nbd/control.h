@@ -17,6 +17,7 @@
 
 #include <stdbool.h>
 
+#include "image.h"
 #include "util.h"
 
 #define NBD_CONTROL_XATTR "user.imgfs.control"
@@ -42,6 +43,7 @@ struct nbd_control_request {
 	bool persistent;
 	bool allocation_depth;
 	unsigned shared;         /* -e; 0 = unlimited */
+	unsigned handshake_limit;/* seconds, 0 = default */
 };
 
 /*
