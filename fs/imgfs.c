@@ -395,6 +395,17 @@ int main(int argc, char **argv)
 		fprintf(stderr, "imgfs: mountpoint %s: not a directory or a regular file\n", c.mountpoint);
 		return EXIT_MOUNT;
 	}
+	/* absolute: the daemon chdirs to / and must still unmount by this path */
+	{
+		char *abs = realpath(c.mountpoint, NULL);
+
+		if (!abs) {
+			fprintf(stderr, "imgfs: mountpoint %s: %s\n", c.mountpoint, strerror(errno));
+			return EXIT_MOUNT;
+		}
+		free(c.mountpoint);
+		c.mountpoint = abs;
+	}
 	fs->dir_mode = S_ISDIR(mst.st_mode);
 	if (fs->dir_mode && (c.view || c.partition > 0 || c.snapshot)) {
 		fprintf(stderr, "imgfs: --view, -P and -l choose the view of a file mount; %s is a directory (it shows every view)\n",

@@ -36,7 +36,7 @@ teardown() { common_teardown; }
 	qemu-img create -q -f qcow2 a.qcow2 100M
 	run "$IMGFS" --list a.qcow2
 	[ "$status" -eq 0 ]
-	echo "$output" | grep -E '^disk +0 +104857600 +rw +qcow2'
+	echo "$output" | grep -E '^disk +0 +104857600 +r[wo] +qcow2'
 }
 
 @test "--list --json is valid JSON with every view" {
@@ -61,7 +61,7 @@ teardown() { common_teardown; }
 	run "$IMGFS" enc.qcow2 mnt
 	[ "$status" -eq 2 ]
 	[[ "$output" == *ncrypt* ]]
-	! is_mounted mnt
+	not_mounted mnt
 }
 
 @test "unknown incompatible feature bits are refused" {
@@ -72,7 +72,7 @@ teardown() { common_teardown; }
 	run "$IMGFS" a.qcow2 mnt
 	[ "$status" -eq 2 ]
 	[[ "$output" == *ncompatible* ]]
-	! is_mounted mnt
+	not_mounted mnt
 }
 
 @test "a json: backing file name is refused" {
@@ -83,7 +83,7 @@ teardown() { common_teardown; }
 	run "$IMGFS" a.qcow2 mnt
 	[ "$status" -eq 2 ]
 	[[ "$output" == *json* ]]
-	! is_mounted mnt
+	not_mounted mnt
 }
 
 @test "a backing chain that loops is refused" {

@@ -122,7 +122,7 @@ assert os.lseek(fd, d, os.SEEK_HOLE) > 20 * 2**20
 	run "$IMGFS" a.raw mnt2
 	[ "$status" -eq 2 ]
 	[[ "$output" == *"in use"* ]]
-	! is_mounted mnt2
+	not_mounted mnt2
 }
 
 @test "imgfs refuses to write an image qemu is writing" {
@@ -133,7 +133,7 @@ assert os.lseek(fd, d, os.SEEK_HOLE) > 20 * 2**20
 	[ "$status" -eq 2 ]
 	[[ "$output" == *"in use"* ]]
 	# a read-only mount is refused too: qemu-io does not share write with readers
-	! is_mounted mnt
+	not_mounted mnt
 }
 
 @test "two read-only mounts of one image coexist" {

@@ -122,3 +122,11 @@ with open(path, "wb") as f:
         left -= n
 PY
 }
+
+# "! cmd" does not fail a bats test (set -e ignores it): use these instead.
+not_mounted() {
+	if is_mounted "$1"; then
+		echo "$1 is still mounted" >&2
+		return 1
+	fi
+}
