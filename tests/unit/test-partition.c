@@ -865,6 +865,89 @@ static void test_gpt_small_disk(void)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Random damage: whatever the bytes, the result keeps its promises. */
+
+static void check_invariants(struct bdev *d)
+{
+	struct partition_table t;
+
+	read_table(d, &t);  /* returns 0, sorted */
+	g_assert_cmpuint(t.count, <=, PART_MAX);
+	g_assert_cmpuint(t.ntable_sectors, <=, PART_MAX);
+	for (unsigned i = 0; i < t.count; i++) {
+		const struct partition *p = &t.parts[i];
+
+		g_assert_cmpuint(p->number, >=, 1);
+		g_assert_cmpuint(p->length, >, 0);
+		g_assert_cmpuint(p->offset, >=, t.table_bytes_head);
+		g_assert_cmpuint(p->offset, <=, d->size);
+		g_assert_cmpuint(p->length, <=, d->size - p->offset);
+		g_assert_true(g_utf8_validate(p->label, -1, NULL));
+		g_assert_cmpuint(strlen(p->type), <, sizeof(p->type));
+		g_assert_cmpuint(strlen(p->uuid), <, sizeof(p->uuid));
+	}
+	partition_table_free(&t);
+}
+
+static void flip(uint8_t *b, uint64_t off, uint64_t len)
+{
+	unsigned n = (unsigned)g_test_rand_int_range(1, 5);
+
+	while (n--)
+		b[off + (uint64_t)g_test_rand_int_range(0, (gint32)len)] =
+			(uint8_t)g_test_rand_int_range(0, 256);
+}
+
+static void test_random_damage(void)
+{
+	struct gpt_geom g = { 128, 128 };
+	unsigned iterations = g_test_slow() ? 20000 : 600;
+
+	for (unsigned it = 0; it < iterations; it++) {
+		uint8_t *b;
+		struct bdev *d;
+
+		/* an MBR with three logicals, its entries and EBRs damaged */
+		d = mem_disk_new(16384, &b);
+		mbr_set(b, 0, 0x80, 0x83, 2048, 2048);
+		mbr_set(b, 1, 0, 0x0f, 4096, 8192);
+		ebr_set(b, 4096, 4096, 1, 100, 5096, 1000);
+		ebr_set(b, 4096, 5096, 2, 200, 6096, 1000);
+		ebr_set(b, 4096, 6096, 2048, 300, 0, 0);
+		flip(b, 0x1be, 66);
+		if (g_test_rand_bit())
+			flip(b + 4096ull * SECTOR, 0x1be, 66);
+		if (g_test_rand_bit())
+			flip(b + 5096ull * SECTOR, 0x1be, 66);
+		check_invariants(d);
+		bdev_close(d);
+
+		/* a GPT, its headers and entries damaged, CRCs fixed half the time */
+		d = gpt_sample(&b, &g);
+		if (g_test_rand_bit())
+			flip(b, 0x1be, 66);
+		if (g_test_rand_bit()) {
+			flip(gpt_entry(b, &g, 1), 0, 5 * 128);
+			if (g_test_rand_bit()) {
+				put_le32(b + SECTOR + 88, (uint32_t)crc32(0, b + 2 * SECTOR, 128 * 128));
+				gpt_header_crc(b, 1);
+			}
+		}
+		for (int k = 0; k < 2; k++) {
+			uint64_t lba = k ? GPT_NSECT - 1 : 1;
+
+			if (g_test_rand_bit()) {
+				flip(b + lba * SECTOR, 8, 84);
+				if (g_test_rand_bit())
+					gpt_header_crc(b, lba);
+			}
+		}
+		check_invariants(d);
+		bdev_close(d);
+	}
+}
+
+/* ------------------------------------------------------------------------ */
 /* Read errors */
 
 /* Only an unreadable sector 0 is an error; elsewhere it is damage. */
@@ -1303,6 +1386,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/partition/gpt/bad-entries", test_gpt_bad_entries);
 	g_test_add_func("/partition/gpt/small-disk", test_gpt_small_disk);
 	g_test_add_func("/partition/io-errors", test_io_errors);
+	g_test_add_func("/partition/random-damage", test_random_damage);
 	g_test_add_func("/partition/sfdisk/mbr-logicals", test_sfdisk_mbr);
 	g_test_add_func("/partition/sgdisk/gpt-indexes", test_sgdisk_gpt);
 	g_test_add_func("/partition/sgdisk/gpt-backup", test_sgdisk_gpt_backup);
