@@ -95,6 +95,7 @@ struct run {
 	uint64_t len;     /* bytes from the requested offset */
 	uint64_t host;    /* QC_NORMAL: host offset of the first byte */
 	uint64_t entry;   /* QC_COMPRESSED: the descriptor */
+	uint64_t where;   /* file offset of its L2 entry: names damage once */
 };
 
 /* Bytes from off to the end of the range one L1 entry maps, capped by len. */
@@ -120,15 +121,15 @@ static int l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 	e = l1->table[idx];
 	*l2_off = e & QCOW2_OFFSET_MASK;
 	if (e & QCOW2_L1E_RESERVED)
-		return qcow2_damage(s, "%s entry %" PRIu64 " has reserved bits set (0x%016" PRIx64 ")",
+		return qcow2_damage(s, l1->offset + idx * 8, "%s entry %" PRIu64 " has reserved bits set (0x%016" PRIx64 ")",
 				    l1->what, idx, e);
 	if (!*l2_off)
 		return 0;
 	if (!is_aligned(*l2_off, s->cluster_size))
-		return qcow2_damage(s, "%s entry %" PRIu64 ": L2 table offset 0x%" PRIx64 " is unaligned",
+		return qcow2_damage(s, l1->offset + idx * 8, "%s entry %" PRIu64 ": L2 table offset 0x%" PRIx64 " is unaligned",
 				    l1->what, idx, *l2_off);
 	if (range_exceeds(*l2_off, s->cluster_size, qcow2_file_size(s->file)))
-		return qcow2_damage(s, "%s entry %" PRIu64 ": L2 table at 0x%" PRIx64 " lies past the end of the file",
+		return qcow2_damage(s, l1->offset + idx * 8, "%s entry %" PRIu64 ": L2 table at 0x%" PRIx64 " lies past the end of the file",
 				    l1->what, idx, *l2_off);
 	return 0;
 }
@@ -168,6 +169,7 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 
 	for (pos = off; pos < end;) {
 		uint64_t c = (pos >> s->cluster_bits) - cl;
+		uint64_t where = l2_off + (l2_idx + c) * s->l2_entry_size;
 		const uint8_t *ep = ents + c * s->l2_entry_size;
 		uint64_t entry = be64(ep), bitmap = s->extended_l2 ? be64(ep + 8) : 0;
 		unsigned sc = (unsigned)((pos & (s->cluster_size - 1)) >> s->subcluster_bits);
@@ -190,7 +192,7 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 		if (t == QC_INVALID) {
 			if (pos > off)
 				break; /* report it when the caller gets there */
-			return qcow2_damage(s, "guest offset 0x%" PRIx64 " (%s, L2 entry 0x%016" PRIx64 "%s): %s",
+			return qcow2_damage(s, where, "guest offset 0x%" PRIx64 " (%s, L2 entry 0x%016" PRIx64 "%s): %s",
 					    pos, l1->what, entry,
 					    s->extended_l2 ? ", extended" : "", why);
 		}
@@ -198,6 +200,7 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 			run->type = t;
 			run->host = host;
 			run->entry = entry;
+			run->where = where;
 		} else if (t != run->type || t == QC_COMPRESSED ||
 			   (t == QC_NORMAL && host != run->host + (pos - off))) {
 			break;
@@ -227,7 +230,7 @@ static int read_backing(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t off)
 }
 
 static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
-		     uint64_t guest)
+		     uint64_t guest, uint64_t where)
 {
 	uint64_t fsize = qcow2_file_size(s->data);
 	uint64_t n;
@@ -236,7 +239,7 @@ static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
 	/* In the image file a cluster past EOF is damage; an external data
 	 * file is a raw image, and a raw image reads zeroes past its end. */
 	if (s->data == s->file && host >= fsize)
-		return qcow2_damage(s, "guest offset 0x%" PRIx64 " maps to host offset 0x%" PRIx64
+		return qcow2_damage(s, where, "guest offset 0x%" PRIx64 " maps to host offset 0x%" PRIx64
 				    ", past the end of the file (%" PRIu64 " bytes)", guest, host, fsize);
 	n = host < fsize ? MIN(len, fsize - host) : 0;
 	if (n) {
@@ -249,7 +252,8 @@ static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
 }
 
 /* Decompress the whole cluster for descriptor entry into cbuf. */
-static int read_compressed(struct qcow2 *s, uint64_t entry, uint8_t *cbuf, uint64_t guest)
+static int read_compressed(struct qcow2 *s, uint64_t entry, uint8_t *cbuf, uint64_t guest,
+			   uint64_t where)
 {
 	uint64_t fsize = qcow2_file_size(s->file);
 	uint64_t coff, csize, n;
@@ -258,14 +262,14 @@ static int read_compressed(struct qcow2 *s, uint64_t entry, uint8_t *cbuf, uint6
 
 	qcow2_compressed_decode(s->cluster_bits, entry, &coff, &csize);
 	if (coff > QCOW2_MAX_HOST_OFFSET || coff < s->cluster_size || coff >= fsize)
-		return qcow2_damage(s, "guest offset 0x%" PRIx64 ": compressed cluster at host offset 0x%" PRIx64
+		return qcow2_damage(s, where, "guest offset 0x%" PRIx64 ": compressed cluster at host offset 0x%" PRIx64
 				    " is outside the file", guest, coff);
 	/* qemu pads the file only to a sector: the last sectors may be short */
 	n = MIN(csize, fsize - coff);
 	src = xmalloc(n);
 	r = bdev_pread(s->file, src, n, coff);
 	if (r == 0 && qcow2_decompress(s->compression_type, cbuf, s->cluster_size, src, n) < 0)
-		r = qcow2_damage(s, "guest offset 0x%" PRIx64 ": compressed cluster at host offset 0x%" PRIx64
+		r = qcow2_damage(s, where, "guest offset 0x%" PRIx64 ": compressed cluster at host offset 0x%" PRIx64
 				 " (%" PRIu64 " bytes) does not decompress to one cluster",
 				 guest, coff, csize);
 	free(src);
@@ -292,14 +296,21 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 			r = read_backing(s, p, run.len, off);
 			break;
 		case QC_NORMAL:
-			r = read_host(s, p, run.len, run.host, off);
+			r = read_host(s, p, run.len, run.host, off, run.where);
 			break;
 		case QC_COMPRESSED:
+			/* reads smaller than a cluster come in a row: keep the
+			 * last few decompressed clusters */
+			if (qcow2_zcache_get(s->zcache, run.entry, p,
+					     off & (s->cluster_size - 1), run.len))
+				break;
 			if (!cbuf)
 				cbuf = xmalloc(s->cluster_size);
-			r = read_compressed(s, run.entry, cbuf, off);
-			if (r == 0)
+			r = read_compressed(s, run.entry, cbuf, off, run.where);
+			if (r == 0) {
 				memcpy(p, cbuf + (off & (s->cluster_size - 1)), run.len);
+				qcow2_zcache_put(s->zcache, run.entry, cbuf);
+			}
 			break;
 		case QC_INVALID:
 			r = -EIO;

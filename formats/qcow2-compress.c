@@ -12,6 +12,7 @@
 #include "qcow2-int.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -99,4 +100,74 @@ int qcow2_decompress(unsigned type, void *out, size_t out_len,
 	default:
 		return -EIO;
 	}
+}
+
+/* The decompressed-cluster cache: a handful of slots, round-robin. */
+#define ZCACHE_SLOTS 4
+
+struct qcow2_zcache {
+	pthread_mutex_t lock;
+	size_t cluster_size;
+	unsigned next;
+	uint64_t key[ZCACHE_SLOTS];   /* 0: empty (descriptors have bit 62 set) */
+	uint8_t *buf[ZCACHE_SLOTS];
+};
+
+struct qcow2_zcache *qcow2_zcache_new(size_t cluster_size)
+{
+	struct qcow2_zcache *z = xcalloc(1, sizeof(*z));
+
+	pthread_mutex_init(&z->lock, NULL);
+	z->cluster_size = cluster_size;
+	return z;
+}
+
+void qcow2_zcache_free(struct qcow2_zcache *z)
+{
+	if (!z)
+		return;
+	for (unsigned i = 0; i < ZCACHE_SLOTS; i++)
+		free(z->buf[i]);
+	pthread_mutex_destroy(&z->lock);
+	free(z);
+}
+
+bool qcow2_zcache_get(struct qcow2_zcache *z, uint64_t key, void *dst,
+		      size_t off, size_t len)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&z->lock);
+	for (unsigned i = 0; i < ZCACHE_SLOTS; i++)
+		if (z->key[i] == key && key) {
+			memcpy(dst, z->buf[i] + off, len);
+			hit = true;
+			break;
+		}
+	pthread_mutex_unlock(&z->lock);
+	return hit;
+}
+
+void qcow2_zcache_put(struct qcow2_zcache *z, uint64_t key, const void *cluster)
+{
+	unsigned i;
+
+	pthread_mutex_lock(&z->lock);
+	for (i = 0; i < ZCACHE_SLOTS; i++)
+		if (z->key[i] == key)
+			goto out; /* another thread got there first */
+	i = z->next++ % ZCACHE_SLOTS;
+	if (!z->buf[i])
+		z->buf[i] = xmalloc(z->cluster_size);
+	memcpy(z->buf[i], cluster, z->cluster_size);
+	z->key[i] = key;
+out:
+	pthread_mutex_unlock(&z->lock);
+}
+
+void qcow2_zcache_clear(struct qcow2_zcache *z)
+{
+	pthread_mutex_lock(&z->lock);
+	memset(z->key, 0, sizeof(z->key));
+	pthread_mutex_unlock(&z->lock);
 }

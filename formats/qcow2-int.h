@@ -70,6 +70,7 @@ enum qcow2_sc_type {
 };
 
 struct qcow2_cache;
+struct qcow2_zcache;
 
 /* An L1 table in memory, host byte order: the active one or a snapshot's. */
 struct qcow2_l1 {
@@ -133,11 +134,15 @@ struct qcow2 {
 
 	struct qcow2_l1 l1;      /* the active L1 (immutable while read-only) */
 	struct qcow2_cache *l2_cache;
+	struct qcow2_zcache *zcache;
 
 	struct qcow2_snap *snaps;
 	unsigned nsnaps;
 
-	atomic_uint warnings;    /* damage reports logged so far (bounded) */
+	/* damage reports: each damaged entry logged once, and only so many */
+	pthread_mutex_t damage_lock;
+	uint64_t damage_seen[32];  /* keys (file offsets of bad entries), ring */
+	unsigned damage_logged;
 };
 
 /* qcow2.c */
@@ -151,9 +156,10 @@ int qcow2_check_l1(const struct qcow2 *s, uint64_t offset, uint64_t entries,
 		   const char *what, struct err *e);
 /* Read an L1 table into memory (host order). */
 int qcow2_load_l1(struct qcow2 *s, struct qcow2_l1 *l1, struct err *e);
-/* Log runtime damage, rate-limited per device; always returns -EIO. */
-int qcow2_damage(struct qcow2 *s, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
+/* Log runtime damage once per key (the file offset of the bad entry or
+ * data) and at most a bounded number of times per image; returns -EIO. */
+int qcow2_damage(struct qcow2 *s, uint64_t key, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 static inline uint64_t qcow2_file_size(const struct bdev *b)
 {
 	return __atomic_load_n(&b->size, __ATOMIC_RELAXED);
@@ -196,6 +202,18 @@ void qcow2_cache_stats(struct qcow2_cache *c, uint64_t *hits, uint64_t *misses,
 /* qcow2-compress.c: decompress src into exactly out_len bytes, or -EIO. */
 int qcow2_decompress(unsigned type, void *out, size_t out_len,
 		     const void *src, size_t src_len);
+/*
+ * A few recently decompressed clusters, keyed by their descriptor.  A
+ * descriptor names immutable bytes while the image is read-only; a write
+ * path that frees compressed clusters must call qcow2_zcache_clear().
+ */
+struct qcow2_zcache *qcow2_zcache_new(size_t cluster_size);
+void qcow2_zcache_free(struct qcow2_zcache *z);
+/* Copy len bytes at off of the cached cluster for key; false on a miss. */
+bool qcow2_zcache_get(struct qcow2_zcache *z, uint64_t key, void *dst,
+		      size_t off, size_t len);
+void qcow2_zcache_put(struct qcow2_zcache *z, uint64_t key, const void *cluster);
+void qcow2_zcache_clear(struct qcow2_zcache *z);
 
 /* qcow2-snapshot.c */
 int qcow2_snapshots_load(struct qcow2 *s, struct err *e);

@@ -133,32 +133,61 @@ const struct qcow2_snapshot_info *qcow2_snapshot_get(struct bdev *d, unsigned i)
 	return s && i < s->nsnaps ? &s->snaps[i].info : NULL;
 }
 
-/* The snapshot device: the parent's state, read through another L1. */
+/*
+ * The snapshot device: the parent's state, read through another L1.  The
+ * L1 is validated at open but read on first use, so an image with many
+ * snapshots opens (and lists its views) without reading their tables.
+ */
 struct snap_dev {
 	struct qcow2 *s;
 	struct qcow2_l1 l1;
+	pthread_mutex_t load_lock;
+	atomic_int loaded;      /* 0 not yet, 1 loaded, negative errno: failed */
 	char what[64];
 };
+
+static int snap_l1(struct snap_dev *sd)
+{
+	int st = atomic_load_explicit(&sd->loaded, memory_order_acquire);
+	struct err e = { 0 };
+
+	if (st)
+		return st < 0 ? st : 0;
+	pthread_mutex_lock(&sd->load_lock);
+	st = atomic_load_explicit(&sd->loaded, memory_order_relaxed);
+	if (!st) {
+		st = qcow2_load_l1(sd->s, &sd->l1, &e);
+		if (st < 0)
+			log_warn("%s", e.msg);
+		atomic_store_explicit(&sd->loaded, st < 0 ? -EIO : 1, memory_order_release);
+		st = st < 0 ? -EIO : 1;
+	}
+	pthread_mutex_unlock(&sd->load_lock);
+	return st < 0 ? st : 0;
+}
 
 static int snap_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 {
 	struct snap_dev *sd = d->priv;
+	int r = snap_l1(sd);
 
-	return qcow2_read(sd->s, &sd->l1, buf, len, off);
+	return r < 0 ? r : qcow2_read(sd->s, &sd->l1, buf, len, off);
 }
 
 static int snap_status(struct bdev *d, uint64_t off, uint64_t len,
 		       uint64_t *run, unsigned *status, unsigned *depth)
 {
 	struct snap_dev *sd = d->priv;
+	int r = snap_l1(sd);
 
-	return qcow2_status(sd->s, &sd->l1, off, len, run, status, depth);
+	return r < 0 ? r : qcow2_status(sd->s, &sd->l1, off, len, run, status, depth);
 }
 
 static void snap_close(struct bdev *d)
 {
 	struct snap_dev *sd = d->priv;
 
+	pthread_mutex_destroy(&sd->load_lock);
 	free(sd->l1.table);
 	free(sd);
 }
@@ -203,12 +232,8 @@ int qcow2_snapshot_open(struct bdev *d, unsigned i, struct bdev **out, struct er
 	sd->l1.size = sn->l1_size;
 	sd->l1.disk_size = sn->info.disk_size;
 	sd->l1.what = sd->what;
-	r = qcow2_load_l1(s, &sd->l1, e);
-	if (r < 0) {
-		free(sd->l1.table);
-		free(sd);
-		return r;
-	}
+	pthread_mutex_init(&sd->load_lock, NULL);
+	atomic_init(&sd->loaded, 0);
 	*out = bdev_new(&snap_ops, "snapshot", sn->info.disk_size, true, sd);
 	return 0;
 }

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 
 #define DEFAULT_CACHE_BYTES (32ull << 20) /* qemu's L2 cache default on Linux */
-#define MAX_WARNINGS 16
+#define MAX_WARNINGS 64
 
 bool qcow2_probe(const void *buf, size_t len)
 {
@@ -32,15 +32,25 @@ uint64_t qcow2_size_to_l1(const struct qcow2 *s, uint64_t size)
 	return (size >> shift) + ((size & ((1ull << shift) - 1)) != 0);
 }
 
-int qcow2_damage(struct qcow2 *s, const char *fmt, ...)
+int qcow2_damage(struct qcow2 *s, uint64_t key, const char *fmt, ...)
 {
-	unsigned n = atomic_fetch_add(&s->warnings, 1);
 	char line[400];
+	bool seen = false;
+	unsigned n;
 	va_list ap;
 
 	/* A damaged image is read over and over by a guest or a copy tool:
-	 * say what is wrong a few times, not once per request. */
-	if (n > MAX_WARNINGS)
+	 * say what is wrong once per damaged spot, and not without end. */
+	pthread_mutex_lock(&s->damage_lock);
+	for (unsigned i = 0; i < MIN(s->damage_logged, ARRAY_SIZE(s->damage_seen)); i++)
+		seen |= s->damage_seen[i] == key;
+	n = s->damage_logged;
+	if (!seen && n <= MAX_WARNINGS) {
+		s->damage_seen[n % ARRAY_SIZE(s->damage_seen)] = key;
+		s->damage_logged++;
+	}
+	pthread_mutex_unlock(&s->damage_lock);
+	if (seen || n > MAX_WARNINGS)
 		return -EIO;
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
@@ -76,7 +86,7 @@ int qcow2_load_l1(struct qcow2 *s, struct qcow2_l1 *l1, struct err *e)
 	size_t bytes = (size_t)l1->size * 8;
 	int r;
 
-	l1->table = xmalloc(bytes);
+	l1->table = xmalloc(bytes ? bytes : 1);
 	if (!bytes)
 		return 0;
 	r = bdev_pread(s->file, l1->table, bytes, l1->offset);
@@ -439,6 +449,7 @@ static void qcow2_free(struct qcow2 *s)
 		return;
 	qcow2_snapshots_free(s);
 	qcow2_cache_free(s->l2_cache);
+	qcow2_zcache_free(s->zcache);
 	bdev_close(s->backing);
 	bdev_close(s->data_file);
 	bdev_close(s->file);
@@ -451,6 +462,7 @@ static void qcow2_free(struct qcow2 *s)
 	free(s->data_file_name);
 	free(s->feature_names);
 	free(s->path);
+	pthread_mutex_destroy(&s->damage_lock);
 	free(s);
 }
 
@@ -493,7 +505,7 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 	s->file = file;
 	s->data = file;
 	s->writable = writable;
-	atomic_init(&s->warnings, 0);
+	pthread_mutex_init(&s->damage_lock, NULL);
 
 	r = parse_cluster0(s, e);
 	if (r < 0)
@@ -521,6 +533,7 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 	if (ctx && ctx->opts && ctx->opts->cache_bytes)
 		cache_bytes = ctx->opts->cache_bytes;
 	s->l2_cache = qcow2_cache_new(s->file, s->slice_size, cache_bytes);
+	s->zcache = qcow2_zcache_new(s->cluster_size);
 
 	if (writable)
 		log_info("%s: qcow2 writing is not supported yet; opened read-only", path);

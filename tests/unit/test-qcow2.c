@@ -902,6 +902,8 @@ static void test_damage(void)
 	g_assert_cmpint(bdev_pread(dev, buf, sizeof(buf), 60000), ==, -EIO);
 	g_assert_cmpint(bdev_pread(dev, buf, 512, 2 * 65536), ==, -EIO);
 	g_assert_cmpint(bdev_block_status(dev, 2 * 65536, 65536, &run, &st, &depth), ==, -EIO);
+	/* each damaged entry is logged once, however often it is read */
+	g_assert_cmpuint(qcow2_state(dev)->damage_logged, ==, 2);
 	g_assert_cmpint(bdev_pread(dev, buf, sizeof(buf), 3 * 65536), ==, 0);
 	g_assert_cmpuint(buf[0], ==, 0x11);
 	/* a run stops before damage: status of cluster 0 still answers */
