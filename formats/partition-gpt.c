@@ -253,10 +253,23 @@ static void gpt_name_to_utf8(const uint8_t *name, char *out, size_t outlen)
 	out[o] = '\0';
 }
 
+/* Byte ranges that hold the table: a partition over one is not shown. */
+struct gpt_regions {
+	unsigned n;
+	uint64_t off[3], len[3];
+};
+
+static void gpt_region_add(struct gpt_regions *r, uint64_t lba, uint64_t sectors)
+{
+	r->off[r->n] = lba * PART_SECTOR;
+	r->len[r->n] = sectors * PART_SECTOR;
+	r->n++;
+}
+
 /* Add the non-empty, valid entries of the array a described by h. */
 static void gpt_add_entries(struct bdev *disk, struct partition_table *t,
 			    const struct gpt_header *h, const uint8_t *a,
-			    uint64_t tail_off, uint64_t tail_len)
+			    const struct gpt_regions *tbl)
 {
 	static const uint8_t zero_guid[16];
 	uint64_t nsect = disk->size / PART_SECTOR;
@@ -290,10 +303,11 @@ static void gpt_add_entries(struct bdev *disk, struct partition_table *t,
 		}
 		off = first * PART_SECTOR;
 		len = (last - first + 1) * PART_SECTOR;
-		if (!partition_range_ok("GPT", number, off, len, disk->size,
-					0, t->table_bytes_head) ||
-		    !partition_range_ok("GPT", number, off, len, disk->size,
-					tail_off, tail_len))
+		unsigned k = 0;
+		while (k < tbl->n && partition_range_ok("GPT", number, off, len, disk->size,
+							tbl->off[k], tbl->len[k]))
+			k++;
+		if (k < tbl->n)
 			continue;
 		p = partition_table_append(t);
 		if (!p)
@@ -314,7 +328,6 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 	struct gpt_header h, b = { 0 };
 	uint8_t *entries = NULL;
 	bool primary_header_ok, backup_header_ok = false, used_backup = false;
-	uint64_t tail_off = 0, tail_end = 0;
 
 	memset(out, 0, sizeof(*out));
 	if (nsect < 3)  /* protective MBR, a header, at least one more sector */
@@ -353,32 +366,37 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 
 	strcpy(out->scheme, "gpt");
 	/*
-	 * Head: the protective MBR, the primary header and the primary array.
-	 * When the primary is damaged its array is assumed at LBA 2, with the
-	 * backup's size, where every tool puts it.
+	 * What holds the table, for the overlap rule and for the image to
+	 * watch.  The head (table_bytes_head) runs from LBA 0 through the
+	 * primary array; when the primary is damaged its array is assumed at
+	 * LBA 2 with the backup's size, where every tool puts it.  The tail is
+	 * the backup header and array, when the disk holds them past the head.
 	 */
 	{
-		const struct gpt_header *ph = used_backup ? &b : &h;
+		struct gpt_regions tbl = { 0 };
+		const struct gpt_header *used = used_backup ? &b : &h;
+		uint64_t asec = sectors_for(used->array_bytes);
 		uint64_t elba = used_backup ? 2 : h.entries_lba;
-		uint64_t end = MAX(2, elba + sectors_for(ph->array_bytes));
 
-		out->table_bytes_head = MIN(end, nsect) * PART_SECTOR;
-	}
-	/* Tail: the backup header and its array, if the disk holds them. */
-	if (used_backup || (h.alt_lba > 1 && h.alt_lba < nsect)) {
-		tail_off = MIN(b.my_lba, b.entries_lba) * PART_SECTOR;
-		tail_end = MAX(b.my_lba + 1, b.entries_lba + sectors_for(b.array_bytes)) *
-			   PART_SECTOR;
-		if (tail_off >= out->table_bytes_head) {
-			out->table_at_end = true;
-			out->table_bytes_tail = disk->size - tail_off;
+		out->table_bytes_head = MIN(MAX(2, elba + asec), nsect) * PART_SECTOR;
+		if (used_backup) {
+			gpt_region_add(&tbl, 0, MIN(MAX(2, elba + asec), nsect));
 		} else {
-			tail_off = tail_end = 0; /* inside the head: watched already */
+			gpt_region_add(&tbl, 0, 2);  /* protective MBR, primary header */
+			gpt_region_add(&tbl, h.entries_lba, sectors_for(h.array_bytes));
 		}
-	}
+		if (used_backup || (h.alt_lba > 1 && h.alt_lba < nsect)) {
+			uint64_t start = MIN(b.my_lba, b.entries_lba);
+			uint64_t end = MAX(b.my_lba + 1, b.entries_lba + sectors_for(b.array_bytes));
 
-	gpt_add_entries(disk, out, used_backup ? &b : &h, entries,
-			tail_off, tail_end - tail_off);
+			gpt_region_add(&tbl, start, end - start);
+			if (start * PART_SECTOR >= out->table_bytes_head) {
+				out->table_at_end = true;
+				out->table_bytes_tail = disk->size - start * PART_SECTOR;
+			}
+		}
+		gpt_add_entries(disk, out, used, entries, &tbl);
+	}
 	free(entries);
 	return 0;
 }

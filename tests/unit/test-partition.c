@@ -849,6 +849,35 @@ static void test_gpt_bad_entries(void)
 	bdev_close(d);
 }
 
+/*
+ * A primary array away from LBA 2 (the spec allows it anywhere between the
+ * header and the first usable LBA): overlap is judged against where it is.
+ */
+static void test_gpt_array_elsewhere(void)
+{
+	struct gpt_geom g = { 128, 128 };
+	struct partition_table t;
+	uint8_t *b;
+	struct bdev *d = mem_disk_new(GPT_NSECT, &b);
+
+	gpt_entry_set(b, &g, 1, guid_linux, 10, 999, "", 0, 0);    /* where LBA 2-33 would be */
+	gpt_entry_set(b, &g, 2, guid_linux, 1020, 1040, "", 0, 0); /* over the moved array */
+	gpt_entry_set(b, &g, 3, guid_linux, 2048, 4095, "", 0, 0);
+	gpt_seal(b, GPT_NSECT, &g);
+	memmove(b + 1000 * SECTOR, b + 2 * SECTOR, 32 * SECTOR);
+	memset(b + 2 * SECTOR, 0, 32 * SECTOR);
+	put_le64(b + SECTOR + 72, 1000);
+	gpt_header_crc(b, 1);
+	read_table(d, &t);
+	g_assert_cmpstr(t.scheme, ==, "gpt");
+	g_assert_cmpuint(t.count, ==, 2);
+	assert_part(&t, 1, 10, 990);
+	assert_part(&t, 3, 2048, 2048);
+	g_assert_cmpuint(t.table_bytes_head, ==, 1032 * SECTOR);
+	partition_table_free(&t);
+	bdev_close(d);
+}
+
 /* A GPT on a disk too small for one: nothing, no crash. */
 static void test_gpt_small_disk(void)
 {
@@ -879,7 +908,8 @@ static void check_invariants(struct bdev *d)
 
 		g_assert_cmpuint(p->number, >=, 1);
 		g_assert_cmpuint(p->length, >, 0);
-		g_assert_cmpuint(p->offset, >=, t.table_bytes_head);
+		/* never over sector 0, nor (GPT) the primary header */
+		g_assert_cmpuint(p->offset, >=, strcmp(t.scheme, "gpt") ? SECTOR : 2 * SECTOR);
 		g_assert_cmpuint(p->offset, <=, d->size);
 		g_assert_cmpuint(p->length, <=, d->size - p->offset);
 		g_assert_true(g_utf8_validate(p->label, -1, NULL));
@@ -1384,6 +1414,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/partition/gpt/absurd-geometry", test_gpt_absurd_geometry);
 	g_test_add_func("/partition/gpt/bad-header-fields", test_gpt_bad_header_fields);
 	g_test_add_func("/partition/gpt/bad-entries", test_gpt_bad_entries);
+	g_test_add_func("/partition/gpt/array-elsewhere", test_gpt_array_elsewhere);
 	g_test_add_func("/partition/gpt/small-disk", test_gpt_small_disk);
 	g_test_add_func("/partition/io-errors", test_io_errors);
 	g_test_add_func("/partition/random-damage", test_random_damage);
