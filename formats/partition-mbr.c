@@ -68,7 +68,9 @@ static bool mbr_add(struct partition_table *t, struct bdev *disk, unsigned numbe
 }
 
 /*
- * Walk the EBR chain of the extended partition starting at ext (bytes).
+ * Walk the EBR chain of the extended partition starting at ext (bytes),
+ * returning how many sound EBRs (with the signature) it read: the first that
+ * many of t->table_sectors.
  * Each EBR has the MBR layout: entry 0 is a logical partition whose start is
  * relative to this EBR; entry 1 links to the next EBR, its start relative to
  * the start of the extended partition; all zero ends the chain.
@@ -79,16 +81,17 @@ static bool mbr_add(struct partition_table *t, struct bdev *disk, unsigned numbe
  * one-sector steps costs only PART_MAX reads.  There are valid tables that
  * order their EBRs backwards; like nbdkit, we do not accept them.
  */
-static void mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint64_t ext)
+static unsigned mbr_walk_logical(struct bdev *disk, struct partition_table *t,
+				 uint64_t ext)
 {
 	uint8_t sector[PART_SECTOR];
-	uint64_t ebr = ext;
+	uint64_t ebr = ext, next;
 	unsigned number = 5;
 	unsigned walked;
 	struct mbr_entry e;
 	int r;
 
-	for (walked = 0;; walked++) {
+	for (walked = 0;;) {
 		if (walked == PART_MAX) {
 			log_warn("MBR: EBR chain longer than %u links, the rest is not read",
 				 PART_MAX);
@@ -114,6 +117,7 @@ static void mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint6
 				 "the logical partitions end there", ebr);
 			break;
 		}
+		walked++;  /* counts sound EBRs from here on */
 
 		mbr_entry_get(sector, 0, &e);
 		if (e.count && mbr_type_is_extended(e.type)) {
@@ -135,7 +139,7 @@ static void mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint6
 		mbr_entry_get(sector, 1, &e);
 		if (e.start == 0 && e.count == 0)
 			break;
-		uint64_t next = ext + (uint64_t)e.start * PART_SECTOR;
+		next = ext + (uint64_t)e.start * PART_SECTOR;
 		if (next <= ebr) {
 			log_warn("MBR: EBR at byte %" PRIu64 " links to byte %" PRIu64
 				 ", not forward (a loop or a backward link): "
@@ -144,6 +148,43 @@ static void mbr_walk_logical(struct bdev *disk, struct partition_table *t, uint6
 		}
 		ebr = next;
 	}
+	return walked;
+}
+
+/*
+ * Drop the partitions that overlap one of the first n EBRs (sound ones: a
+ * link into the middle of a partition that found no EBR there hides
+ * nothing).  Each was already checked against its own EBR; this catches a
+ * primary or a logical spanning another's.  The EBRs are in strictly
+ * increasing order, so each partition is one binary search.
+ */
+static void mbr_drop_over_ebrs(struct partition_table *t, unsigned n)
+{
+	const uint64_t *ebr = t->table_sectors;
+	unsigned kept = 0;
+
+	for (unsigned i = 0; i < t->count; i++) {
+		struct partition *p = &t->parts[i];
+		unsigned lo = 0, hi = n;
+
+		/* the first EBR that ends after the partition starts */
+		while (lo < hi) {
+			unsigned mid = lo + (hi - lo) / 2;
+
+			if (ebr[mid] + PART_SECTOR <= p->offset)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		if (lo < n && ebr[lo] < p->offset + p->length) {
+			log_warn("MBR partition p%u (offset %" PRIu64 ", length %" PRIu64
+				 ") overlaps the EBR at byte %" PRIu64 ": not shown",
+				 p->number, p->offset, p->length, ebr[lo]);
+			continue;
+		}
+		t->parts[kept++] = *p;
+	}
+	t->count = kept;
 }
 
 int partition_mbr_read(struct bdev *disk, struct partition_table *out)
@@ -191,6 +232,6 @@ int partition_mbr_read(struct bdev *disk, struct partition_table *out)
 	}
 
 	if (ext_slot)
-		mbr_walk_logical(disk, out, ext);
+		mbr_drop_over_ebrs(out, mbr_walk_logical(disk, out, ext));
 	return 0;
 }

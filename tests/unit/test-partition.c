@@ -532,6 +532,37 @@ static void test_mbr_overlap_table(void)
 	bdev_close(d);
 }
 
+/* A partition spanning another EBR would rewrite the chain: not shown. */
+static void test_mbr_overlap_ebr(void)
+{
+	struct partition_table t;
+	uint8_t *b;
+	struct bdev *d = mem_disk_new(16384, &b);
+
+	mbr_set(b, 0, 0, 0x83, 2048, 4096);        /* p1 over the first EBR */
+	mbr_set(b, 1, 0, 0x83, 12000, 100);        /* p2 fine */
+	mbr_set(b, 2, 0, 0x05, 4096, 4096);
+	ebr_set(b, 4096, 4096, 1, 2000, 5096, 10); /* p5 over the next EBR */
+	ebr_set(b, 4096, 5096, 1, 10, 6000, 10);   /* p6 fine; link to a blank sector */
+	read_table(d, &t);
+	g_assert_cmpuint(t.count, ==, 2);
+	assert_part(&t, 2, 12000, 100);
+	assert_part(&t, 6, 5097, 10);
+	partition_table_free(&t);
+	bdev_close(d);
+
+	/* a link into a partition that finds no EBR there hides nothing */
+	d = mem_disk_new(16384, &b);
+	mbr_set(b, 2, 0, 0x05, 4096, 4096);
+	ebr_set(b, 4096, 4096, 1, 2000, 5096, 10);
+	read_table(d, &t);
+	g_assert_cmpuint(t.count, ==, 1);
+	assert_part(&t, 5, 4097, 2000);
+	g_assert_cmpuint(t.ntable_sectors, ==, 2);  /* but 5096 is watched */
+	partition_table_free(&t);
+	bdev_close(d);
+}
+
 /* An EBR chain that starts at sector 0 or outside the disk shows nothing. */
 static void test_mbr_extended_bad_start(void)
 {
@@ -1403,6 +1434,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/partition/mbr/ebr-long-chain", test_mbr_ebr_long_chain);
 	g_test_add_func("/partition/mbr/past-end", test_mbr_past_end);
 	g_test_add_func("/partition/mbr/overlap-table", test_mbr_overlap_table);
+	g_test_add_func("/partition/mbr/overlap-ebr", test_mbr_overlap_ebr);
 	g_test_add_func("/partition/mbr/extended-bad-start", test_mbr_extended_bad_start);
 	g_test_add_func("/partition/mbr/protective-without-gpt", test_mbr_protective_without_gpt);
 	g_test_add_func("/partition/gpt/basic", test_gpt_basic);
