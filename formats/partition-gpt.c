@@ -25,7 +25,8 @@
  *
  * Bounds, chosen and enforced before anything is allocated or used:
  *  - SizeOfPartitionEntry a multiple of 128, from 128 to GPT_ENTRY_SIZE_MAX
- *    (the spec says 128 * 2^n; we take any multiple, as parted does);
+ *    (the spec says 128 * 2^n; the kernel takes only 128; any multiple is
+ *    harmless to read, as only the first 128 bytes of an entry are used);
  *  - NumberOfPartitionEntries * SizeOfPartitionEntry <= GPT_ARRAY_MAX
  *    (1 MiB: 8192 standard entries, 64 times the usual 128);
  *  - the array inside the disk, clear of LBA 0 and of its own header;
@@ -33,6 +34,7 @@
  * First/LastUsableLBA are not trusted for anything: each partition is
  * checked against the disk size and the table's own sectors instead (the
  * shared policy in partition.c), which is what matters for a view.
+ * Partitions that overlap each other are all shown, as the kernel does.
  */
 #include "partition.h"
 #include "partition-int.h"
