@@ -1012,6 +1012,163 @@ static void test_decompress_exact(void)
 	}
 }
 
+/* ---- block status against qemu-img map ----------------------------------- */
+
+static bool json_u64(const char *line, const char *key, uint64_t *v)
+{
+	const char *p = strstr(line, key);
+
+	if (!p)
+		return false;
+	*v = g_ascii_strtoull(p + strlen(key), NULL, 10);
+	return true;
+}
+
+/*
+ * Every extent qemu-img map reports agrees with our block status: data is
+ * data (at the same depth), and what is not data reads as zeroes.
+ */
+static void compare_map(struct bdev *dev, const char *path)
+{
+	gchar *out = NULL, *cmd = g_strdup_printf("qemu-img map --output=json '%s'", path);
+	gchar **lines;
+	gint status;
+
+	g_assert_true(g_spawn_command_line_sync(cmd, &out, NULL, &status, NULL));
+	g_assert_true(g_spawn_check_wait_status(status, NULL));
+	lines = g_strsplit(out, "\n", -1);
+	for (gchar **l = lines; *l; l++) {
+		uint64_t start = 0, length = 0, qdepth = 0, off;
+		bool data;
+
+		if (!json_u64(*l, "\"start\": ", &start))
+			continue;
+		g_assert_true(json_u64(*l, "\"length\": ", &length));
+		g_assert_true(json_u64(*l, "\"depth\": ", &qdepth));
+		data = strstr(*l, "\"data\": true") != NULL;
+		for (off = start; off < start + length;) {
+			uint64_t run;
+			unsigned st, depth;
+
+			g_assert_cmpint(bdev_block_status(dev, off, start + length - off, &run, &st, &depth), ==, 0);
+			if (data) {
+				g_assert_cmpuint(st & BDEV_ST_HOLE, ==, 0);
+				g_assert_cmpuint(depth, ==, qdepth + 1);
+			} else {
+				g_assert_cmpuint(st & BDEV_ST_ZERO, ==, BDEV_ST_ZERO);
+			}
+			off += run;
+		}
+	}
+	g_strfreev(lines);
+	g_free(out);
+	g_free(cmd);
+}
+
+static void test_block_status_map(void)
+{
+	static const char *const opts[] = {
+		"cluster_size=64k", "extended_l2=on", "cluster_size=512", "compat=0.10",
+	};
+	char *base, *img;
+
+	if (!have_qemu())
+		return;
+	base = tpath("mapbase.qcow2");
+	img = tpath("map.qcow2");
+	sh("qemu-img create -q -f qcow2 '%s' 8M && qemu-io -f qcow2 -c 'write -P 1 2m 2m' -c 'write -z 5m 1m' '%s' >/dev/null",
+	   base, base);
+	for (unsigned i = 0; i < G_N_ELEMENTS(opts); i++) {
+		struct bdev *dev;
+
+		sh("qemu-img create -q -f qcow2 -o %s -b '%s' -F qcow2 '%s' 8M", opts[i], base, img);
+		sh("qemu-io -f qcow2 -c 'write -P 2 0 2k' -c 'write -P 3 100k 200k' -c 'write -c -P 4 1m 64k' "
+		   "-c 'write -z 3m 4k' -c 'write -P 5 5m 4k' '%s' >/dev/null", img);
+		dev = must_open(img, NULL);
+		compare_map(dev, img);
+		compare_with_qemu(dev, img, NULL);
+		bdev_close(dev);
+	}
+	sh("rm -f '%s' '%s'", base, img);
+	g_free(base);
+	g_free(img);
+}
+
+/* ---- hostile metadata: corrupt bytes must never crash ------------------- */
+
+static void read_everything(struct bdev *dev)
+{
+	uint8_t *buf = g_malloc(1 << 20);
+	uint64_t run;
+	unsigned st, depth;
+
+	for (uint64_t off = 0; off < dev->size; off += 1 << 20)
+		(void)bdev_pread(dev, buf, MIN(1 << 20, dev->size - off), off);
+	for (uint64_t off = 0; off < dev->size;)
+		off += bdev_block_status(dev, off, dev->size - off, &run, &st, &depth) == 0 ? run : 65536;
+	g_free(buf);
+}
+
+static void test_fuzz_metadata(void)
+{
+	char *good, *bad;
+	gchar *orig;
+	gsize len;
+	GRand *rnd;
+	unsigned opened = 0;
+
+	if (!have_qemu())
+		return;
+	good = tpath("fuzz-good.qcow2");
+	bad = tpath("fuzz-bad.qcow2");
+	/* 4 KiB clusters keep the metadata (header, L1, L2, snapshot table,
+	 * compressed data) within the first few clusters */
+	sh("qemu-img create -q -f qcow2 -o cluster_size=4k,extended_l2=off '%s' 2M", good);
+	sh("qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -c -P 2 128k 4k' -c 'write -z 256k 8k' '%s' >/dev/null", good);
+	sh("qemu-img snapshot -c s1 '%s' && qemu-io -f qcow2 -c 'write -P 3 4k 4k' '%s' >/dev/null", good, good);
+	g_assert_true(g_file_get_contents(good, &orig, &len, NULL));
+	rnd = g_rand_new_with_seed(20261123);
+	for (unsigned iter = 0; iter < 1000; iter++) {
+		gchar *copy = g_memdup2(orig, len);
+		struct bdev *dev;
+		struct err e = { 0 };
+		unsigned flips = 1 + g_rand_int_range(rnd, 0, 8);
+
+		for (unsigned f = 0; f < flips; f++) {
+			/* mostly the header, sometimes anywhere in the metadata */
+			gsize at = g_rand_int_range(rnd, 0, 4) == 0 ? (gsize)g_rand_int_range(rnd, 0, 112)
+						       : (gsize)g_rand_int_range(rnd, 0, (gint32)MIN(len, 65536));
+			copy[at] = (gchar)g_rand_int_range(rnd, 0, 256);
+		}
+		g_assert_true(g_file_set_contents(bad, copy, (gssize)len, NULL));
+		g_free(copy);
+		if (open_img(bad, NULL, &dev, &e) < 0) {
+			g_assert_cmpstr(e.msg, !=, "");
+			continue;
+		}
+		opened++;
+		read_everything(dev);
+		for (unsigned i = 0; i < qcow2_snapshot_count(dev); i++) {
+			struct bdev *snap;
+
+			memset(&e, 0, sizeof(e));
+			if (qcow2_snapshot_open(dev, i, &snap, &e) == 0) {
+				if (snap->size <= (64 << 20))
+					read_everything(snap);
+				bdev_close(snap);
+			}
+		}
+		bdev_close(dev);
+	}
+	g_test_message("%u of 1000 damaged images opened and were read through", opened);
+	g_assert_cmpuint(opened, >, 100);
+	g_rand_free(rnd);
+	g_free(orig);
+	sh("rm -f '%s' '%s'", good, bad);
+	g_free(good);
+	g_free(bad);
+}
+
 /* ---- threads and the cache ----------------------------------------------- */
 
 struct reader {
@@ -1136,6 +1293,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2/damage/l2", test_damage);
 	g_test_add_func("/qcow2/damage/compressed", test_damage_compressed);
 	g_test_add_func("/qcow2/damage/decompress-exact", test_decompress_exact);
+	g_test_add_func("/qcow2/status/qemu-img-map", test_block_status_map);
+	g_test_add_func("/qcow2/damage/fuzz-metadata", test_fuzz_metadata);
 	g_test_add_func("/qcow2/threads/small-cache", test_threads_small_cache);
 	g_test_add_func("/qcow2/open/1tib", test_big_image);
 
