@@ -53,12 +53,19 @@ unmount_imgfs() {
 	wait_gone "$pid"
 }
 
+# Is the process running?  A zombie has exited: its reaper may be slow.
+alive() {
+	local st
+	st=$(sed -n 's/^[0-9]* (.*) \([A-Z]\).*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
+	[ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
 # Wait (up to 10 s) for a pid to exit.
 wait_gone() {
 	local pid=$1
 	[ -n "$pid" ] || return 0
 	for _ in $(seq 100); do
-		kill -0 "$pid" 2>/dev/null || return 0
+		alive "$pid" || return 0
 		sleep 0.1
 	done
 	echo "process $pid did not exit" >&2
