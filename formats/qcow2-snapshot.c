@@ -29,7 +29,7 @@ static char *copy_str(const uint8_t *p, size_t len)
 
 /* Parse entry i at table byte pos; *next gets the following entry's pos. */
 static int parse_entry(struct qcow2 *s, unsigned i, uint64_t pos, uint64_t *next,
-		       struct err *e)
+		       bool *warned, struct err *e)
 {
 	uint64_t fsize = qcow2_file_size(s->file);
 	struct qcow2_snap *sn = &s->snaps[i];
@@ -81,9 +81,12 @@ static int parse_entry(struct qcow2 *s, unsigned i, uint64_t pos, uint64_t *next
 		sn->info.vm_state_size = be64(var);
 	sn->info.disk_size = sn->extra_size >= 16 ? be64(var + 8) : s->size;
 	sn->info.icount = sn->extra_size >= 24 ? be64(var + 16) : UINT64_MAX;
-	if (s->version >= 3 && sn->extra_size < 16)
+	if (s->version >= 3 && sn->extra_size < 16 && !*warned) {
+		/* qemu-img check calls it corruption; reading copes (once per image) */
+		*warned = true;
 		log_warn("%s: snapshot table entry %u has %u bytes of extra data (version 3 needs 16)",
 			 s->path, i, sn->extra_size);
+	}
 	sn->info.id = copy_str(var + sn->extra_size, id_len);
 	sn->info.name = copy_str(var + sn->extra_size + id_len, name_len);
 	free(var);
@@ -93,6 +96,7 @@ static int parse_entry(struct qcow2 *s, unsigned i, uint64_t pos, uint64_t *next
 
 int qcow2_snapshots_load(struct qcow2 *s, struct err *e)
 {
+	bool warned = false;
 	uint64_t pos = 0;
 	int r;
 
@@ -100,7 +104,7 @@ int qcow2_snapshots_load(struct qcow2 *s, struct err *e)
 		return 0;
 	s->snaps = xcalloc(s->nb_snapshots, sizeof(*s->snaps));
 	for (unsigned i = 0; i < s->nb_snapshots; i++) {
-		r = parse_entry(s, i, pos, &pos, e);
+		r = parse_entry(s, i, pos, &pos, &warned, e);
 		s->nsnaps = i + (r == 0); /* for freeing what was parsed */
 		if (r < 0)
 			return r;

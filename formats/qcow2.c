@@ -97,6 +97,14 @@ int qcow2_load_l1(struct qcow2 *s, struct qcow2_l1 *l1, struct err *e)
 	return 0;
 }
 
+/* Strings from the image go into messages: no control characters. */
+static void printable(char *str)
+{
+	for (; *str; str++)
+		if ((unsigned char)*str < 0x20 || *str == 0x7f)
+			*str = '?';
+}
+
 /* Name an incompatible feature bit from the image's feature name table. */
 static void feature_name(const struct qcow2 *s, unsigned bit, char *out, size_t outlen)
 {
@@ -105,6 +113,7 @@ static void feature_name(const struct qcow2 *s, unsigned bit, char *out, size_t 
 
 		if (ent[0] == 0 /* incompatible */ && (unsigned char)ent[1] == bit) {
 			snprintf(out, outlen, " (%.46s)", ent + 2);
+			printable(out);
 			return;
 		}
 	}
@@ -288,7 +297,7 @@ static int parse_header(struct qcow2 *s, const uint8_t *h, uint64_t avail, struc
 	if ((uint64_t)s->refcount_table_clusters << s->cluster_bits > QCOW2_MAX_REFTABLE_BYTES)
 		return err_set(e, -EFBIG, "%s: refcount table too large (%u clusters)",
 			       s->path, s->refcount_table_clusters);
-	if (!is_aligned(s->refcount_table_offset, s->cluster_size) ||
+	if (s->refcount_table_offset == 0 || !is_aligned(s->refcount_table_offset, s->cluster_size) ||
 	    range_exceeds(s->refcount_table_offset,
 			  (uint64_t)s->refcount_table_clusters << s->cluster_bits, INT64_MAX))
 		return err_set(e, -EINVAL, "%s: invalid refcount table offset 0x%" PRIx64,
@@ -297,7 +306,8 @@ static int parse_header(struct qcow2 *s, const uint8_t *h, uint64_t avail, struc
 	if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
 		return err_set(e, -EFBIG, "%s: too many snapshots (%u, at most %u)",
 			       s->path, s->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
-	if (s->nb_snapshots && (!is_aligned(s->snapshots_offset, s->cluster_size) ||
+	if (s->nb_snapshots && (s->snapshots_offset == 0 || /* the header */
+				!is_aligned(s->snapshots_offset, s->cluster_size) ||
 				s->snapshots_offset >= fsize))
 		return err_set(e, -EINVAL, "%s: invalid snapshot table offset 0x%" PRIx64,
 			       s->path, s->snapshots_offset);
@@ -424,9 +434,14 @@ static int open_backing(struct qcow2 *s, struct open_ctx *ctx, struct err *e)
 
 	if (ctx && ctx->opts && ctx->opts->no_backing)
 		return 0; /* unallocated reads as zeroes */
-	if (s->backing_fmt && strcmp(s->backing_fmt, "raw") && strcmp(s->backing_fmt, "qcow2"))
+	if (s->backing_fmt && strcmp(s->backing_fmt, "raw") && strcmp(s->backing_fmt, "qcow2")) {
+		char fmt[16];
+
+		snprintf(fmt, sizeof(fmt), "%s", s->backing_fmt);
+		printable(fmt);
 		return err_set(e, -ENOTSUP, "%s: backing file format '%s' is not supported (raw and qcow2 are)",
-			       s->path, s->backing_fmt);
+			       s->path, fmt);
+	}
 	path = image_resolve_name(s->path, s->backing_name, "backing file", e);
 	if (!path)
 		return e && e->code ? e->code : -EINVAL;
