@@ -185,6 +185,7 @@ static unsigned make_exports(struct nbd_control *ctl, const struct parsed *p,
 	if (!n) {
 		free(x);
 		err_set(e, -ENOENT, "the image has no views");
+		return 0;
 	}
 	*out = x;
 	return n;
