@@ -413,6 +413,23 @@ PY
 	wait_gone "$NBD_PID"
 }
 
+@test "unmounting ends the export and imgfs-nbd with it" {
+	mkdir mnt
+	mount_imgfs r.raw mnt --format=raw
+	start_nbd p1 -t mnt/p1
+	nbdinfo --size "$URI"
+	unmount_imgfs mnt
+	wait_gone "$NBD_PID"
+}
+
+@test "TCP: listens on 127.0.0.1 by default, on the port given" {
+	port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+	"$IMGFS_NBD" --fork --pid-file="$T/tcp.pid" -t -p "$port" a.qcow2
+	track_pid "$(cat "$T/tcp.pid")"
+	grep -q "0100007F:$(printf '%04X' "$port") 00000000:0000 0A" /proc/net/tcp
+	qemu-img compare a.qcow2 "nbd://127.0.0.1:$port"
+}
+
 @test "imgfs-nbd refuses a directory that is not a mount, and bad options" {
 	mkdir plain
 	run "$IMGFS_NBD" -k "$T/x.sock" plain
