@@ -236,9 +236,10 @@ static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
 	uint64_t n;
 	int r;
 
-	/* In the image file a cluster past EOF is damage; an external data
-	 * file is a raw image, and a raw image reads zeroes past its end. */
-	if (s->data == s->file && host >= fsize)
+	/* In the image file, data past EOF is damage (qemu always writes whole
+	 * (sub)clusters); an external data file is a raw image, and a raw
+	 * image reads zeroes past its end. */
+	if (s->data == s->file && range_exceeds(host, len, fsize))
 		return qcow2_damage(s, where, "guest offset 0x%" PRIx64 " maps to host offset 0x%" PRIx64
 				    ", past the end of the file (%" PRIu64 " bytes)", guest, host, fsize);
 	n = host < fsize ? MIN(len, fsize - host) : 0;

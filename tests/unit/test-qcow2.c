@@ -8,6 +8,8 @@
 #include <errno.h>
 #include <glib.h>
 #include <glib/gstdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -534,6 +536,13 @@ static void test_v2(void)
 	g_free(img);
 }
 
+static void test_preallocation(void)
+{
+	make_and_check("preallocation=metadata", "8M", PATTERN_WRITES);
+	make_and_check("preallocation=falloc,cluster_size=4k", "8M", PATTERN_WRITES);
+	make_and_check("preallocation=metadata,extended_l2=on", "8M", PATTERN_WRITES);
+}
+
 static void test_refcount_bits(void)
 {
 	make_and_check("refcount_bits=1", "8M", PATTERN_WRITES);
@@ -911,6 +920,25 @@ static void test_damage(void)
 	g_assert_cmpuint(run, ==, 65536);
 	bdev_close(dev);
 
+	/* a file cut short inside its last data cluster: EIO there, not zeroes */
+	{
+		char *cut = tpath("cut.qcow2");
+		struct stat stbuf;
+
+		sh("qemu-img create -q -f qcow2 '%s' 1M && qemu-io -f qcow2 -c 'write -P 0x11 0 256k' '%s' >/dev/null",
+		   cut, cut);
+		g_assert_cmpint(stat(cut, &stbuf), ==, 0);
+		g_assert_cmpint(truncate(cut, stbuf.st_size - 1000), ==, 0);
+		dev = must_open(cut, NULL);
+		g_assert_cmpint(bdev_pread(dev, buf, sizeof(buf), 3 * 65536), ==, -EIO);
+		g_assert_cmpint(bdev_pread(dev, buf, 512, 3 * 65536), ==, 0);
+		g_assert_cmpint(bdev_pread(dev, buf, sizeof(buf), 0), ==, 0);
+		g_assert_cmpuint(buf[65535], ==, 0x11);
+		bdev_close(dev);
+		g_unlink(cut);
+		g_free(cut);
+	}
+
 	/* L1 entry pointing past the end of the file: that 512 MiB range only */
 	patch64(img, l2_off + 8, e1);
 	patch64(img, l1_off, QCOW2_OFLAG_COPIED | 1ull << 40);
@@ -1279,6 +1307,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2/read/cluster-sizes", test_cluster_sizes);
 	g_test_add_func("/qcow2/read/v2", test_v2);
 	g_test_add_func("/qcow2/read/refcount-bits", test_refcount_bits);
+	g_test_add_func("/qcow2/read/preallocation", test_preallocation);
 	g_test_add_func("/qcow2/read/zero-clusters", test_zero_clusters);
 	g_test_add_func("/qcow2/read/extended-l2", test_extended_l2);
 	g_test_add_func("/qcow2/read/compressed-zlib", test_compressed_zlib);
