@@ -253,6 +253,7 @@ static int socket_activation(void)
 static int listen_unix(const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
 	int fd;
 
 	if (strlen(path) >= sizeof(sa.sun_path)) {
@@ -260,6 +261,9 @@ static int listen_unix(const char *path)
 		return -1;
 	}
 	strcpy(sa.sun_path, path);
+	/* Like qemu-nbd: a socket left at the path is replaced; anything else is not. */
+	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
 	    listen(fd, 128) < 0) {

@@ -126,7 +126,7 @@
 #define NBD_PREF_BLOCK           4096
 #define NBD_MAX_OPTION_LEN       (64u << 10) /* larger option payload: disconnect */
 #define NBD_MAX_OPTIONS          256         /* options per handshake */
-#define NBD_MAX_EXTENTS          (64u << 10) /* extents in one block-status chunk */
+#define NBD_MAX_EXTENTS          (16u << 10) /* extents in one block-status chunk */
 #define NBD_DEFAULT_PORT         10809
 
 #define NBD_CONTEXT_BASE_ALLOCATION "base:allocation"
