@@ -228,7 +228,11 @@ static void session_serve(struct session *s, int nbd_fd, char *msg)
 	session_reply(s->fd, NULL);
 	log_info("nbd: serving %s for imgfs-nbd", p.view);
 	nbd_server_run(w.srv, nbd_fd);
-	/* Not persistent and the last client left, or stopped: tell imgfs-nbd. */
+	/*
+	 * Not persistent and the last client left, or stopped (unmount): tell
+	 * imgfs-nbd it was a clean end, unlike a daemon that died.
+	 */
+	send(s->fd, "done\n", 5, MSG_NOSIGNAL);
 	shutdown(s->fd, SHUT_RDWR);
 	pthread_join(wt, NULL);
 	nbd_server_free(w.srv);

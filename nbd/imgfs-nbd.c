@@ -397,6 +397,7 @@ static int serve_bridge(struct cli *c, const char *ctl_path, int lfd, bool is_di
 	char view[4200];
 	struct err e = { 0 };
 	struct pollfd pfd[2];
+	bool done = false;
 	int cfd;
 
 	if (c->format || c->offset) {
@@ -430,19 +431,29 @@ static int serve_bridge(struct cli *c, const char *ctl_path, int lfd, bool is_di
 	close(lfd); /* the daemon has its own copy */
 	log_info("the imgfs daemon serves %s", c->path);
 	ready(c);
-	/* Live until a signal, or until the daemon is done (EOF). */
+	/* Live until a signal, or until the daemon is done ("done", then EOF). */
 	pfd[0] = (struct pollfd){ .fd = cfd, .events = POLLIN };
 	pfd[1] = (struct pollfd){ .fd = sig_pipe[0], .events = POLLIN };
 	while (!got_signal) {
 		char buf[64];
+		ssize_t n;
 
-		if (poll(pfd, 2, -1) < 0)
+		if (poll(pfd, 2, -1) < 0 || !pfd[0].revents)
 			continue;
-		if (pfd[0].revents && recv(cfd, buf, sizeof(buf), MSG_DONTWAIT) <= 0 &&
-		    errno != EAGAIN)
-			break;
+		n = recv(cfd, buf, sizeof(buf), MSG_DONTWAIT);
+		if (n > 0) {
+			done |= n >= 4 && !memcmp(buf, "done", 4);
+			continue;
+		}
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		break;
 	}
 	close(cfd);
+	if (!got_signal && !done) {
+		log_err("the imgfs daemon serving %s went away", c->path);
+		return 1;
+	}
 	return 0;
 }
 

@@ -422,6 +422,20 @@ PY
 	wait_gone "$NBD_PID"
 }
 
+@test "imgfs-nbd fails when the mount's daemon dies under it" {
+	mkdir mnt
+	mount_imgfs r.raw mnt --format=raw
+	"$IMGFS_NBD" -k "$T/p1.sock" -t mnt/p1 2>"$T/nbd.err" &
+	local pid=$!
+	track_pid "$pid"
+	for _ in $(seq 50); do nbdinfo --size "nbd+unix:///?socket=$T/p1.sock" && break; sleep 0.1; done
+	kill -9 "$(last_pid)"
+	local st=0
+	wait "$pid" || st=$?
+	[ "$st" -eq 1 ]
+	grep -q "went away" "$T/nbd.err"
+}
+
 @test "TCP: listens on 127.0.0.1 by default, on the port given" {
 	port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 	"$IMGFS_NBD" --fork --pid-file="$T/tcp.pid" -t -p "$port" a.qcow2
