@@ -445,6 +445,10 @@ static int open_backing(struct qcow2 *s, struct open_ctx *ctx, struct err *e)
 	path = image_resolve_name(s->path, s->backing_name, "backing file", e);
 	if (!path)
 		return e && e->code ? e->code : -EINVAL;
+	/* Old images lack the backing format extension; qemu probes then, and
+	 * so do we (open.c refuses raw data that looks like another format). */
+	if (!s->backing_fmt)
+		log_warn("%s: no backing format recorded; probing %s", s->path, path);
 	if (ctx) {
 		child = *ctx;
 	} else {

@@ -723,6 +723,34 @@ static void test_backing_refusals(void)
 	g_assert_cmpint(open_img(img, NULL, &dev, &e), ==, -ELOOP);
 	g_test_message("loop: %s", e.msg);
 	sh("rm -f '%s' '%s.b'", img, img);
+	/* without a backing format extension the backing file is probed */
+	{
+		char *base = tpath("nofmt-base.qcow2");
+		uint64_t off = 112;
+		struct bdev *d;
+
+		sh("qemu-img create -q -f qcow2 '%s' 1M && qemu-io -f qcow2 -c 'write -P 0x5b 0 64k' '%s' >/dev/null",
+		   base, base);
+		sh("qemu-img create -q -f qcow2 -b '%s' -F qcow2 '%s' 1M", base, img);
+		for (;;) {
+			uint64_t w = peek64(img, off);
+
+			g_assert_cmpuint(w >> 32, !=, 0);
+			if (w >> 32 == QCOW2_EXT_BACKING_FMT) {
+				patch32(img, off, 0x12345678); /* now an unknown extension */
+				break;
+			}
+			off += 8 + (((uint32_t)w + 7) & ~7u);
+		}
+		d = must_open(img, NULL);
+		g_assert_null(((struct qcow2 *)qcow2_state(d))->backing_fmt);
+		g_assert_cmpuint(((struct qcow2 *)qcow2_state(d))->nexts, ==, 1);
+		compare_with_qemu(d, img, NULL);
+		bdev_close(d);
+		g_unlink(img);
+		g_unlink(base);
+		g_free(base);
+	}
 	/* protocol syntax from an image is never followed */
 	memset(&e, 0, sizeof(e));
 	sh("qemu-img create -q -f qcow2 -u -b 'nbd://127.0.0.1/x' -F raw '%s' 1M", img);
