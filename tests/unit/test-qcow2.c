@@ -440,6 +440,56 @@ static void test_header_refusals(void)
 	g_free(good);
 }
 
+/* Feature bits that do not stop reading, and those that stop writing. */
+static void test_header_features(void)
+{
+	char *img;
+	struct err e = { 0 };
+	struct bdev *file, *dev;
+
+	if (!have_qemu())
+		return;
+	img = tpath("features.qcow2");
+	sh("qemu-img create -q -f qcow2 -o cluster_size=4k '%s' 1M && "
+	   "qemu-io -f qcow2 -c 'write -P 0x3c 0 64k' '%s' >/dev/null", img, img);
+	/* unknown compatible and autoclear bits are ignored for reading */
+	patch64(img, 80, 1ull << 40);
+	patch64(img, 88, 1ull << 40);
+	check_image(img);
+	/* the corrupt bit: readable, never writable */
+	patch64(img, 72, QCOW2_INCOMPAT_CORRUPT);
+	dev = must_open(img, NULL);
+	g_assert_true(dev->read_only);
+	bdev_close(dev);
+	g_assert_cmpint(file_open(img, FILE_NO_LOCK, &file, &e), ==, 0);
+	g_assert_cmpint(qcow2_open(file, img, true, NULL, &dev, &e), ==, -EROFS);
+	g_assert_nonnull(strstr(e.msg, "corrupt"));
+	/* without it, a writable open gives a read-only device (for now) */
+	patch64(img, 72, 0);
+	memset(&e, 0, sizeof(e));
+	g_assert_cmpint(file_open(img, FILE_NO_LOCK, &file, &e), ==, 0);
+	g_assert_cmpint(qcow2_open(file, img, true, NULL, &dev, &e), ==, 0);
+	g_assert_true(dev->read_only);
+	g_assert_cmpint(bdev_pwrite(dev, "x", 1, 0, 0), ==, -EROFS);
+	bdev_close(dev);
+	/* extended L2 needs subclusters of at least 512 bytes */
+	patch64(img, 72, QCOW2_INCOMPAT_EXTL2);
+	memset(&e, 0, sizeof(e));
+	g_assert_cmpint(open_img(img, NULL, &dev, &e), ==, -EINVAL);
+	g_assert_nonnull(strstr(e.msg, "extended L2"));
+	g_unlink(img);
+
+	/* a real encrypted image (legacy AES: LUKS key setup takes seconds;
+	 * crypt_method 2 is covered by the header refusals) */
+	sh("qemu-img create -q --object secret,id=sec0,data=abc -f qcow2 "
+	   "-o encrypt.format=aes,encrypt.key-secret=sec0 '%s' 1M", img);
+	memset(&e, 0, sizeof(e));
+	g_assert_cmpint(open_img(img, NULL, &dev, &e), ==, -ENOTSUP);
+	g_assert_nonnull(strstr(e.msg, "crypt_method 1, AES"));
+	g_unlink(img);
+	g_free(img);
+}
+
 /* The unknown-bit message names the feature from the image's own table. */
 static void test_header_feature_name(void)
 {
@@ -1330,6 +1380,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2/cache/lru", test_cache_lru);
 	g_test_add_func("/qcow2/header/refusals", test_header_refusals);
 	g_test_add_func("/qcow2/header/feature-name", test_header_feature_name);
+	g_test_add_func("/qcow2/header/features", test_header_features);
 	g_test_add_func("/qcow2/read/cluster-512", test_cluster_512);
 	g_test_add_func("/qcow2/read/cluster-2m", test_cluster_2m);
 	g_test_add_func("/qcow2/read/cluster-sizes", test_cluster_sizes);
