@@ -160,7 +160,11 @@ static void cmd_read_structured(struct nbd_conn *c, const struct nbd_req *rq)
 	} else {
 		n = plan_sparse(c, rq->offset, rq->len, ch);
 	}
-	buf = xmalloc(rq->len);
+	/* An all-hole reply needs no buffer; otherwise one for the whole range. */
+	buf = NULL;
+	for (unsigned i = 0; i < n && !buf; i++)
+		if (ch[i].type == NBD_REPLY_TYPE_OFFSET_DATA)
+			buf = xmalloc(rq->len);
 	for (unsigned i = 0; i < n; i++) {
 		uint16_t fl = i + 1 == n ? NBD_REPLY_FLAG_DONE : 0;
 		uint8_t b[12];
