@@ -9,6 +9,15 @@
  *   qcow2-cache.c     the bounded LRU cache of L2 slices
  *   qcow2-compress.c  deflate / zstd cluster decompression
  *   qcow2-snapshot.c  the snapshot table and read-only snapshot devices
+ *
+ * Threads: reads run in parallel with no lock held across I/O.  The active
+ * L1 is immutable while the device is read-only; the L2 cache, the
+ * decompressed-cluster cache and the damage log each have a short mutex.
+ * A write path (DESIGN.md) adds: a metadata mutex around allocation and L2
+ * updates (qcow2_cache_write marks slices dirty, qcow2_cache_flush writes
+ * them back), in-flight cluster ranges that overlapping requests wait on,
+ * an L1 that grows by publishing a new table, and qcow2_zcache_clear()
+ * whenever compressed clusters are freed.
  */
 #ifndef IMGFS_QCOW2_INT_H
 #define IMGFS_QCOW2_INT_H
