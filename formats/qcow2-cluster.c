@@ -106,7 +106,7 @@ static uint64_t to_l1_end(const struct qcow2 *s, uint64_t off, uint64_t len)
 	return MIN(len, span - (off & (span - 1)));
 }
 
-/* Find the L2 slice for guest offset off: *slice_off 0 when unallocated. */
+/* The L2 table for guest offset off: *l2_off is 0 when unallocated. */
 static int l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 		     uint64_t *l2_off)
 {
