@@ -303,7 +303,11 @@ static void reap(struct nbd_control *ctl, bool all)
 		struct session *s = *pp;
 
 		if (all && !s->done)
-			shutdown(s->fd, SHUT_RDWR); /* the watcher then stops its server */
+			/*
+			 * The watcher sees EOF and stops the server; the write
+			 * side stays open so the session can still say "done".
+			 */
+			shutdown(s->fd, SHUT_RD);
 		if (!s->done && !all) {
 			pp = &s->next;
 			continue;

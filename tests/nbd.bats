@@ -413,13 +413,16 @@ PY
 	wait_gone "$NBD_PID"
 }
 
-@test "unmounting ends the export and imgfs-nbd with it" {
+@test "unmounting ends the export, and imgfs-nbd exits 0" {
 	mkdir mnt
 	mount_imgfs r.raw mnt --format=raw
-	start_nbd p1 -t mnt/p1
-	nbdinfo --size "$URI"
+	"$IMGFS_NBD" -k "$T/p1.sock" -t mnt/p1 &
+	local pid=$! st=0
+	track_pid "$pid"
+	for _ in $(seq 50); do nbdinfo --size "nbd+unix:///?socket=$T/p1.sock" && break; sleep 0.1; done
 	unmount_imgfs mnt
-	wait_gone "$NBD_PID"
+	wait "$pid" || st=$?
+	[ "$st" -eq 0 ]
 }
 
 @test "imgfs-nbd fails when the mount's daemon dies under it" {

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "bdev.h"
+#include "control.h"
+#include "image.h"
 #include "nbd-proto.h"
 #include "nbd-server.h"
 #include "util.h"
@@ -879,6 +881,85 @@ static void test_run_not_persistent(void)
 	g_free(dir);
 }
 
+/* ---- the mount-daemon bridge (control.c) over a real raw image ---------- */
+
+static void test_control_bridge(void)
+{
+	char *dir = g_dir_make_tmp("test-nbd-XXXXXX", NULL);
+	char *img_path = g_build_filename(dir, "img.raw", NULL);
+	char *ctl_path = g_build_filename(dir, "ctl", NULL);
+	char *nbd_path = g_build_filename(dir, "nbd", NULL);
+	struct image_opts io = { .format = "raw" };
+	struct nbd_control_request rq = { .view = "disk", .partition = -1, .shared = 2,
+					  .persistent = true };
+	struct nbd_control *ctl;
+	struct image *img;
+	struct err e = { 0 };
+	struct fixture f = { 0 };
+	uint8_t buf[512];
+	char ans[16];
+	int lfd, cfd;
+
+	g_assert_true(g_file_set_contents(img_path, "", 0, NULL));
+	g_assert_cmpint(truncate(img_path, 1 << 20), ==, 0);
+	g_assert_cmpint(image_open(img_path, &io, &img, &e), ==, 0);
+	ctl = nbd_control_start(img, ctl_path, &e);
+	g_assert_nonnull(ctl);
+	lfd = listen_unix(nbd_path);
+
+	/* a view that does not exist: an error naming it */
+	rq.view = "p7";
+	g_assert_cmpint(nbd_control_request(ctl_path, lfd, &rq, &e), <, 0);
+	g_assert_nonnull(strstr(e.msg, "p7"));
+
+	memset(&e, 0, sizeof(e));
+	rq.view = "disk";
+	cfd = nbd_control_request(ctl_path, lfd, &rq, &e);
+	g_assert_cmpint(cfd, >=, 0);
+	close(lfd); /* the daemon serves its own copy */
+
+	f.fd = connect_unix(nbd_path);
+	greet(&f, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	{
+		uint8_t b[64], *d;
+		uint32_t t, l;
+		uint64_t size = 0;
+
+		send_opt(&f, NBD_OPT_GO, b, info_req(b, "", NULL, 0));
+		while ((t = recv_rep(&f, NBD_OPT_GO, &d, &l)) == NBD_REP_INFO) {
+			if (be16(d) == NBD_INFO_EXPORT)
+				size = be64(d + 2);
+			g_free(d);
+		}
+		g_free(d);
+		g_assert_cmphex(t, ==, NBD_REP_ACK);
+		g_assert_cmpuint(size, ==, 1 << 20);
+	}
+	memset(buf, 0xab, sizeof(buf));
+	send_req(&f, 0, NBD_CMD_WRITE, 1, 4096, sizeof(buf), buf);
+	g_assert_cmpuint(simple_reply(&f, 1, NULL, 0), ==, 0);
+	memset(buf, 0, sizeof(buf));
+	g_assert_cmpint(bdev_pread(img->disk, buf, sizeof(buf), 4096), ==, 0);
+	g_assert_cmpuint(buf[0], ==, 0xab); /* the write went through the image's engine */
+
+	/* stopping the control ends clients and tells imgfs-nbd "done" */
+	nbd_control_stop(ctl);
+	g_assert_true(at_eof(&f));
+	g_assert_cmpint(recv(cfd, ans, sizeof(ans), 0), ==, 5);
+	g_assert_cmpmem(ans, 4, "done", 4);
+	close(cfd);
+	close(f.fd);
+	g_assert_false(g_file_test(ctl_path, G_FILE_TEST_EXISTS));
+	g_assert_cmpint(image_close(img), ==, 0);
+	unlink(nbd_path);
+	unlink(img_path);
+	rmdir(dir);
+	g_free(dir);
+	g_free(img_path);
+	g_free(ctl_path);
+	g_free(nbd_path);
+}
+
 /* ---- by-hand server mode -------------------------------------------------- */
 
 static struct nbd_server *hand_srv;
@@ -936,5 +1017,6 @@ int main(int argc, char **argv)
 		   handshake_timeout_setup, test_handshake_timeout, fx_teardown);
 	g_test_add_func("/nbd/run/stop", test_run_stop);
 	g_test_add_func("/nbd/run/not-persistent", test_run_not_persistent);
+	g_test_add_func("/nbd/control/bridge", test_control_bridge);
 	return g_test_run();
 }
