@@ -23,6 +23,72 @@ static struct fs *FS(fuse_req_t req) { return fuse_req_userdata(req); }
 /* the inode a FUSE write is in progress on: the kernel updates its own cache */
 static __thread fuse_ino_t writing_ino;
 
+/* ---- refusals and errors in the log -------------------------------------- */
+
+/*
+ * Every refused or failed request is logged with the image, the view, the
+ * offset and the reason — but a program retrying in a loop must not flood
+ * the journal: one line per (view, operation, error) per window, and the
+ * next line for it says how many were left out.
+ */
+#define FS_LOG_WINDOW_US (10 * G_USEC_PER_SEC)
+
+struct fs_log_slot {
+	char view[64];
+	const char *op;      /* a string literal: compared by address */
+	int err;
+	gint64 since;
+	unsigned dropped;
+};
+
+static struct fs_log_slot fs_log_slots[32];
+static GMutex fs_log_lock;
+
+static bool fs_log_should_print(const char *view, const char *op, int err, unsigned *dropped)
+{
+	guint h = g_str_hash(view) ^ g_direct_hash(op) ^ (guint)err * 2654435761u;
+	struct fs_log_slot *s = &fs_log_slots[h % G_N_ELEMENTS(fs_log_slots)];
+	gint64 now = g_get_monotonic_time();
+	bool same, print = true;
+
+	g_mutex_lock(&fs_log_lock);
+	same = s->op == op && s->err == err && !strncmp(s->view, view, sizeof(s->view));
+	*dropped = same ? s->dropped : 0;
+	if (same && now - s->since < FS_LOG_WINDOW_US) {
+		s->dropped++;
+		print = false;
+	} else {
+		g_strlcpy(s->view, view, sizeof(s->view));
+		s->op = op;
+		s->err = err;
+		s->since = now;
+		s->dropped = 0;
+	}
+	g_mutex_unlock(&fs_log_lock);
+	return print;
+}
+
+/* op: "read", "write", ...; why: NULL for strerror(err) */
+static void fs_log_refusal(struct fs *fs, const char *view, const char *op,
+			   uint64_t off, uint64_t len, int err, const char *why)
+{
+	const char *name = strerrorname_np(err);
+	char where[64] = "";
+	char more[48] = "";
+	unsigned dropped;
+
+	if (!fs_log_should_print(view, op, err, &dropped))
+		return;
+	if (len)
+		snprintf(where, sizeof(where), " of %" PRIu64 " bytes at offset %" PRIu64, len, off);
+	else if (off)
+		snprintf(where, sizeof(where), " at offset %" PRIu64, off);
+	if (dropped)
+		snprintf(more, sizeof(more), "; %u more like it not logged", dropped);
+	log_warn("%s: view %s: %s%s: %s (%s%s)", fs->img->path, view, op, where,
+		 why ? why : strerror(err), name ? name : "?", more);
+}
+
 /* ---- nodes --------------------------------------------------------------- */
 
 static struct fs_node *node_for_name(struct fs *fs, const char *name)
@@ -93,6 +159,16 @@ static struct view *node_view(struct fs *fs, struct fs_node *n)
 }
 
 /* ---- attributes ------------------------------------------------------------ */
+
+/* For messages: the view an inode shows, or "/" for the directory. */
+static const char *ino_name(struct fs *fs, fuse_ino_t ino)
+{
+	struct fs_node *n = node_by_ino(fs, ino);
+
+	if (n && n->name)
+		return n->name;
+	return fs->dir_mode || !fs->file_view ? "/" : fs->file_view;
+}
 
 static void view_stat(struct fs *fs, fuse_ino_t ino, struct view *v, struct stat *st)
 {
@@ -204,12 +280,17 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
 		return;
 	}
 	if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+		fs_log_refusal(fs, ino_name(fs, ino), "chmod/chown", 0, 0, EPERM,
+			       "modes and owners follow the image file");
 		fuse_reply_err(req, EPERM);
 		return;
 	}
 	if ((to_set & FUSE_SET_ATTR_SIZE) && attr->st_size != st.st_size) {
-		fuse_reply_err(req, S_ISDIR(st.st_mode) ? EISDIR
-			       : (st.st_mode & 0222) ? EPERM : EROFS);
+		int e = S_ISDIR(st.st_mode) ? EISDIR : (st.st_mode & 0222) ? EPERM : EROFS;
+
+		fs_log_refusal(fs, ino_name(fs, ino), "truncate", (uint64_t)attr->st_size, 0, e,
+			       "a view cannot change size");
+		fuse_reply_err(req, e);
 		return;
 	}
 	fuse_reply_attr(req, &st, ATTR_TIMEOUT);
@@ -301,7 +382,13 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return;
 	}
 	if ((fi->flags & O_ACCMODE) != O_RDONLY && !v->writable) {
-		fuse_reply_err(req, fs->img->read_only || v->kind == VIEW_SNAPSHOT ? EROFS : EACCES);
+		int e = fs->img->read_only || v->kind == VIEW_SNAPSHOT ? EROFS : EACCES;
+
+		fs_log_refusal(fs, v->name, "open for writing", 0, 0, e,
+			       v->kind == VIEW_SNAPSHOT ? "snapshots are read-only"
+			       : fs->img->read_only ? "the image is open read-only"
+			       : "the view is read-only");
+		fuse_reply_err(req, e);
 		return;
 	}
 	/* the file handle pins the view: it stays valid (retired, not freed)
@@ -342,8 +429,10 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		return;
 	}
 	r = bdev_pread(v->dev, buf, size, uoff);
-	if (r < 0)
+	if (r < 0) {
+		fs_log_refusal(FS(req), v->name, "read", uoff, size, -r, NULL);
 		fuse_reply_err(req, -r);
+	}
 	else
 		fuse_reply_buf(req, buf, size);
 	free(buf);
@@ -358,16 +447,20 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	int r;
 
 	if (!v->writable) {
+		fs_log_refusal(FS(req), v->name, "write", uoff, size, EROFS, "the view is read-only");
 		fuse_reply_err(req, EROFS);
 		return;
 	}
 	if (off < 0 || uoff > v->length) {
+		fs_log_refusal(FS(req), v->name, "write", uoff, size, EINVAL, "past the end of the view");
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
 	/* a device does not grow: a write at the end is "no space" */
 	if (size > v->length - uoff) {
 		if (uoff == v->length) {
+			fs_log_refusal(FS(req), v->name, "write", uoff, size, ENOSPC,
+				       "at the end of the view (a view does not grow)");
 			fuse_reply_err(req, ENOSPC);
 			return;
 		}
@@ -376,8 +469,10 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	writing_ino = ino;
 	r = bdev_pwrite(v->dev, buf, size, uoff, flags);
 	writing_ino = 0;
-	if (r < 0)
+	if (r < 0) {
+		fs_log_refusal(FS(req), v->name, "write", uoff, size, -r, NULL);
 		fuse_reply_err(req, -r);
+	}
 	else
 		fuse_reply_write(req, size);
 }
@@ -386,6 +481,8 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 {
 	int r = bdev_flush(FV(fi)->dev);
 
+	if (r < 0)
+		fs_log_refusal(FS(req), FV(fi)->name, "fsync", 0, 0, -r, NULL);
 	fuse_reply_err(req, -r);
 }
 
@@ -417,6 +514,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
 		return;
 	}
 	if (!v->writable) {
+		fs_log_refusal(FS(req), v->name, "fallocate", uoff, ulen, EROFS, "the view is read-only");
 		fuse_reply_err(req, EROFS);
 		return;
 	}
@@ -439,6 +537,8 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
 	else
 		r = 0;
 	writing_ino = 0;
+	if (r < 0)
+		fs_log_refusal(FS(req), v->name, "fallocate", uoff, ulen, -r, NULL);
 	fuse_reply_err(req, -r);
 }
 

@@ -84,6 +84,50 @@ static const struct fuse_opt cli_opts[] = {
 	FUSE_OPT_END
 };
 
+/*
+ * -o options come from three places: the user, mount(8) and mount.fuse3
+ * (fstab).  Pass on those libfuse 3 knows; accept and drop those that are
+ * mount(8)'s own bookkeeping (mount.fuse3 drops some, not all, and a
+ * direct "mount.fuse3 ... -o defaults" passes them on) or that cannot mean
+ * anything for a view (atime flavours: a view's times are the image's);
+ * anything else is a usage error, named, on one line.
+ */
+enum mount_opt_kind { MOUNT_OPT_UNKNOWN, MOUNT_OPT_LIBFUSE, MOUNT_OPT_IGNORED };
+
+static enum mount_opt_kind mount_opt_kind(const char *opt)
+{
+	static const char *const libfuse[] = {
+		"allow_other", "allow_root", "auto_unmount", "blkdev",
+		"default_permissions", "debug", "ro", "rw", "suid", "nosuid",
+		"dev", "nodev", "exec", "noexec", "async", "sync", "dirsync",
+		"atime", "noatime", "nodiratime",
+	};
+	static const char *const libfuse_value[] = {
+		"fsname=", "subtype=", "max_read=", "blksize=", "context=",
+		"fscontext=", "defcontext=", "rootcontext=", "user=",
+	};
+	static const char *const ignored[] = {
+		"defaults", "auto", "noauto", "nofail", "_netdev", "user",
+		"users", "nouser", "owner", "group", "relatime", "norelatime",
+		"strictatime", "nostrictatime", "lazytime", "nolazytime",
+		"diratime", "symfollow", "nosymfollow",
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(libfuse); i++)
+		if (!strcmp(opt, libfuse[i]))
+			return MOUNT_OPT_LIBFUSE;
+	for (size_t i = 0; i < ARRAY_SIZE(libfuse_value); i++)
+		if (!strncmp(opt, libfuse_value[i], strlen(libfuse_value[i])))
+			return MOUNT_OPT_LIBFUSE;
+	for (size_t i = 0; i < ARRAY_SIZE(ignored); i++)
+		if (!strcmp(opt, ignored[i]))
+			return MOUNT_OPT_IGNORED;
+	/* x-systemd.automount, x-gvfs-show, comment=...: notes for other tools */
+	if (!strncmp(opt, "x-", 2) || !strncmp(opt, "comment=", 8))
+		return MOUNT_OPT_IGNORED;
+	return MOUNT_OPT_UNKNOWN;
+}
+
 static int cli_proc(void *data, const char *arg, int key, struct fuse_args *out)
 {
 	struct cli *c = data;
@@ -122,7 +166,18 @@ static int cli_proc(void *data, const char *arg, int key, struct fuse_args *out)
 			c->bad = 1;
 			return 0;
 		}
-		return 1;
+		if (arg[0] == '-')
+			return 1;
+		switch (mount_opt_kind(arg)) {
+		case MOUNT_OPT_LIBFUSE:
+			return 1;
+		case MOUNT_OPT_IGNORED:
+			return 0;
+		default:
+			fprintf(stderr, "imgfs: unknown mount option '-o %s' (see imgfs --help)\n", arg);
+			c->bad = 1;
+			return 0;
+		}
 	default:
 		return 1;
 	}
@@ -290,6 +345,33 @@ static int control_socket_path(char **out)
 	d = g_strdup_printf("%s/imgfs-%d.ctl", dir, (int)getpid());
 	*out = d;
 	return 0;
+}
+
+/*
+ * The syslog tag names the image: "imgfs[disk.qcow2]", so journalctl -t
+ * picks one mount's messages.  openlog() keeps the pointer: static storage.
+ * Characters that end a tag in the syslog wire format (space, ':', '[',
+ * ']') or that are not printable become '_'.
+ */
+static const char *syslog_ident(const char *image_path)
+{
+	static char ident[96];
+	const char *base = strrchr(image_path, '/');
+	size_t n;
+
+	base = base && base[1] ? base + 1 : image_path;
+	n = (size_t)snprintf(ident, sizeof(ident), "imgfs[%.64s", base);
+	if (n > sizeof(ident) - 2)
+		n = sizeof(ident) - 2;
+	for (size_t i = 6; i < n; i++) {
+		unsigned char ch = (unsigned char)ident[i];
+
+		if (ch <= ' ' || ch >= 0x7f || ch == ':' || ch == '[' || ch == ']')
+			ident[i] = '_';
+	}
+	ident[n] = ']';
+	ident[n + 1] = 0;
+	return ident;
 }
 
 /* Signals end the loop; a backgrounded shell job has SIGINT ignored, and
@@ -490,7 +572,7 @@ int main(int argc, char **argv)
 		fs->control_path = NULL;
 	}
 	if (!c.foreground) {
-		log_use_syslog("imgfs");
+		log_use_syslog(syslog_ident(fs->img->path));
 		detach_stdio();
 		if (chdir("/") < 0)
 			log_warn("chdir /: %s", strerror(errno));
