@@ -47,8 +47,11 @@ static inline bool mbr_signature_ok(const uint8_t *sector)
  *  - a partition that runs past the end of the disk is NOT shown (never
  *    truncated: a truncated window would read as a filesystem cut short,
  *    which is worse than its absence), with a warning naming the values;
- *  - a partition that overlaps the table that describes it is not shown,
- *    with a warning: writing to it would rewrite the table.
+ *  - a partition that overlaps the table is not shown, with a warning:
+ *    writing to it would rewrite the table.  "The table" is every sector
+ *    that holds it: the MBR and each sound EBR; the protective MBR, both GPT
+ *    headers and both entry arrays.  A caller checks one such range per
+ *    call (the MBR parser checks the other EBRs after its walk).
  */
 bool partition_range_ok(const char *scheme, unsigned number,
 			uint64_t off, uint64_t len, uint64_t disk_size,
