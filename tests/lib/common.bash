@@ -47,7 +47,9 @@ is_mounted() {
 unmount_imgfs() {
 	local mnt=$1 pid=""
 	for i in "${!_MOUNTS[@]}"; do
-		[ "${_MOUNTS[$i]}" = "$mnt" ] && pid=$(cat "${_PIDFILES[$i]}" 2>/dev/null)
+		if [ "${_MOUNTS[$i]}" = "$mnt" ]; then
+			pid=$(cat "${_PIDFILES[$i]}" 2>/dev/null)
+		fi
 	done
 	fusermount3 -u "$mnt"
 	wait_gone "$pid"
