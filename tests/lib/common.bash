@@ -48,7 +48,7 @@ unmount_imgfs() {
 	local mnt=$1 pid=""
 	for i in "${!_MOUNTS[@]}"; do
 		if [ "${_MOUNTS[$i]}" = "$mnt" ]; then
-			pid=$(cat "${_PIDFILES[$i]}" 2>/dev/null)
+			pid=$(cat "${_PIDFILES[$i]}" 2>/dev/null) || pid=""
 		fi
 	done
 	fusermount3 -u "$mnt"
