@@ -153,6 +153,26 @@ PY
 	[ ! -e mnt/p3 ]
 }
 
+@test "--list --json gives each GPT partition's type, GUID and name as sfdisk does" {
+	truncate -s 64M raw.img
+	sgdisk -n 1:2048:+4M -t 1:ef00 -c 1:"EFI system" \
+		-n 3:0:+8M -c 3:'data "x" é' -n 4:0:+1M raw.img >/dev/null
+	"$IMGFS" --list --json raw.img > list.json
+	sfdisk --json raw.img > sfdisk.json
+	python3 - <<-'PY'
+		import json, re
+		views = {v["name"]: v for v in json.load(open("list.json"))["views"]}
+		parts = json.load(open("sfdisk.json"))["partitiontable"]["partitions"]
+		assert sorted(n for n in views if n != "disk") == ["p1", "p3", "p4"], views
+		for p in parts:
+		    v = views["p" + re.search(r"(\d+)$", p["node"]).group(1)]
+		    assert v["offset"] == p["start"] * 512 and v["length"] == p["size"] * 512, (v, p)
+		    assert v["type"] == p["type"].lower(), (v, p)
+		    assert v["label"] == p.get("name", ""), (v, p)
+		    assert p["uuid"].lower() in v["info"], (v, p)
+	PY
+}
+
 @test "GPT: a damaged primary header is replaced by the backup" {
 	truncate -s 64M raw.img
 	sgdisk -n 1:2048:+4M -n 3:0:+8M -n 7:0:0 raw.img >/dev/null
