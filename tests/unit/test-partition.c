@@ -185,7 +185,7 @@ static uint64_t gpt_array_sectors(const struct gpt_geom *g)
 	return ((uint64_t)g->nentries * g->entry_size + SECTOR - 1) / SECTOR;
 }
 
-/* Entry i (1-based) of the primary array of a disk built by gpt_build. */
+/* Entry i (1-based) of the primary array (LBA 2) of a disk gpt_seal builds. */
 static uint8_t *gpt_entry(uint8_t *disk, const struct gpt_geom *g, unsigned i)
 {
 	return disk + 2 * SECTOR + (uint64_t)(i - 1) * g->entry_size;
