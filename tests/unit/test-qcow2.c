@@ -872,6 +872,14 @@ static void test_dirty_lazy_refcounts(void)
 	g_free(ref);
 	bdev_close(dev);
 	sh("rm -f '%s' '%s'", img, raw);
+
+	/* a real crash: qemu-io killed by SIGKILL after writing, refcounts
+	 * never written (qemu-img check reports errors; reading is fine) */
+	sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on '%s' 8M", img);
+	sh("qemu-io -f qcow2 %s -c 'sigraise 9' '%s' >/dev/null 2>&1 || true", PATTERN_WRITES, img);
+	g_assert_true(peek64(img, 72) & QCOW2_INCOMPAT_DIRTY);
+	check_image(img);
+	g_unlink(img);
 	g_free(img);
 	g_free(raw);
 }
