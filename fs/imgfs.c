@@ -434,7 +434,8 @@ static int parent_wait(pid_t child, const char *mountpoint, dev_t before)
 int main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-	struct cli c = { 0 };
+	/* static: what it points to lives as long as the process */
+	static struct cli c;
 	struct fs *fs = &the_fs;
 	struct image_opts o = { 0 };
 	struct err e = { 0 };
