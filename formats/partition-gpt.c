@@ -255,10 +255,13 @@ static void gpt_name_to_utf8(const uint8_t *name, char *out, size_t outlen)
 	out[o] = '\0';
 }
 
-/* Byte ranges that hold the table: a partition over one is not shown. */
+/*
+ * Byte ranges that hold the table: a partition over one is not shown.  At
+ * most four: LBA 0-1, the primary array, the backup header and array.
+ */
 struct gpt_regions {
 	unsigned n;
-	uint64_t off[3], len[3];
+	uint64_t off[4], len[4];
 };
 
 static void gpt_region_add(struct gpt_regions *r, uint64_t lba, uint64_t sectors)
@@ -266,6 +269,13 @@ static void gpt_region_add(struct gpt_regions *r, uint64_t lba, uint64_t sectors
 	r->off[r->n] = lba * PART_SECTOR;
 	r->len[r->n] = sectors * PART_SECTOR;
 	r->n++;
+}
+
+/* Watch n sectors from lba (n <= the array bound, so the loop is short). */
+static void gpt_watch(struct partition_table *t, uint64_t lba, uint64_t n)
+{
+	for (uint64_t i = 0; i < n; i++)
+		partition_table_add_sector(t, (lba + i) * PART_SECTOR);
 }
 
 /* Add the non-empty, valid entries of the array a described by h. */
@@ -367,37 +377,52 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 	}
 
 	strcpy(out->scheme, "gpt");
-	/*
-	 * What holds the table, for the overlap rule and for the image to
-	 * watch.  The head (table_bytes_head) runs from LBA 0 through the
-	 * primary array; when the primary is damaged its array is assumed at
-	 * LBA 2 with the backup's size, where every tool puts it.  The tail is
-	 * the backup header and array, when the disk holds them past the head.
-	 */
 	{
 		struct gpt_regions tbl = { 0 };
-		const struct gpt_header *used = used_backup ? &b : &h;
-		uint64_t asec = sectors_for(used->array_bytes);
-		uint64_t elba = used_backup ? 2 : h.entries_lba;
+		uint64_t asec;
 
-		out->table_bytes_head = MIN(MAX(2, elba + asec), nsect) * PART_SECTOR;
+		/*
+		 * Head (table_bytes_head): the protective MBR, the primary
+		 * header, and the primary array when it follows them at LBA 2,
+		 * where every tool writes it; an array elsewhere is watched by
+		 * its own sectors instead, not by a span from LBA 0.  A damaged
+		 * primary's array is assumed at LBA 2 with the backup's size.
+		 */
 		if (used_backup) {
-			gpt_region_add(&tbl, 0, MIN(MAX(2, elba + asec), nsect));
+			asec = MIN(2 + sectors_for(b.array_bytes), nsect);
+			gpt_region_add(&tbl, 0, asec);
+			out->table_bytes_head = asec * PART_SECTOR;
 		} else {
-			gpt_region_add(&tbl, 0, 2);  /* protective MBR, primary header */
-			gpt_region_add(&tbl, h.entries_lba, sectors_for(h.array_bytes));
-		}
-		if (used_backup || (h.alt_lba > 1 && h.alt_lba < nsect)) {
-			uint64_t start = MIN(b.my_lba, b.entries_lba);
-			uint64_t end = MAX(b.my_lba + 1, b.entries_lba + sectors_for(b.array_bytes));
-
-			gpt_region_add(&tbl, start, end - start);
-			if (start * PART_SECTOR >= out->table_bytes_head) {
-				out->table_at_end = true;
-				out->table_bytes_tail = disk->size - start * PART_SECTOR;
+			asec = sectors_for(h.array_bytes);
+			gpt_region_add(&tbl, 0, 2);
+			gpt_region_add(&tbl, h.entries_lba, asec);
+			if (h.entries_lba == 2) {
+				out->table_bytes_head = (2 + asec) * PART_SECTOR;
+			} else {
+				out->table_bytes_head = 2 * PART_SECTOR;
+				gpt_watch(out, h.entries_lba, asec);
 			}
 		}
-		gpt_add_entries(disk, out, used, entries, &tbl);
+		/*
+		 * Tail: the backup header and array.  In the usual layout (the
+		 * array right before the header on the last LBA) they are the
+		 * table's tail; anywhere else, as on a disk grown since, only
+		 * their sectors are watched, not all the space after them.
+		 */
+		if (used_backup || (h.alt_lba > 1 && h.alt_lba < nsect)) {
+			asec = sectors_for(b.array_bytes);
+			gpt_region_add(&tbl, b.my_lba, 1);
+			gpt_region_add(&tbl, b.entries_lba, asec);
+			if (b.my_lba == nsect - 1 && b.entries_lba + asec == b.my_lba &&
+			    b.entries_lba * PART_SECTOR >= out->table_bytes_head) {
+				out->table_at_end = true;
+				out->table_bytes_tail = disk->size - b.entries_lba * PART_SECTOR;
+			} else {
+				gpt_watch(out, b.entries_lba, asec);
+				gpt_watch(out, b.my_lba, 1);
+			}
+		}
+		gpt_add_entries(disk, out, used_backup ? &b : &h, entries, &tbl);
 	}
 	free(entries);
 	return 0;

@@ -26,8 +26,11 @@ struct partition_table {
 	uint64_t table_bytes_tail; /* bytes at the end the backup occupies */
 	/*
 	 * Added by partitions: more table sectors that are neither head nor
-	 * tail (MBR: every EBR of the extended chain, 512 bytes at each byte
-	 * offset listed, in chain order).  A write there changes the table too.
+	 * tail, 512 bytes at each byte offset listed (MBR: every EBR of the
+	 * extended chain, in chain order, which only goes forward; GPT: the
+	 * sectors of an entry array not at LBA 2, of a backup not at the end
+	 * of the disk, as after the disk grew).  At most PART_MAX.  A write
+	 * there changes the table too.
 	 */
 	uint64_t *table_sectors;
 	unsigned ntable_sectors;

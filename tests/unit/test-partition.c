@@ -767,7 +767,17 @@ static void test_gpt_backup(void)
 
 		memcpy(b, small, (size_t)GPT_NSECT * SECTOR);
 		bdev_close(tmp);
-		gpt_entry(b, &g, 1)[33] ^= 1;  /* primary array damaged */
+		/* sound: the backup, not at the end, is watched by its sectors */
+		check_gpt_sample(big);
+		read_table(big, &t);
+		g_assert_false(t.table_at_end);
+		g_assert_cmpuint(t.table_bytes_head, ==, 34 * SECTOR);
+		g_assert_cmpuint(t.ntable_sectors, ==, 33);
+		g_assert_cmpuint(t.table_sectors[0], ==, (GPT_NSECT - 33ull) * SECTOR);
+		g_assert_cmpuint(t.table_sectors[32], ==, (GPT_NSECT - 1ull) * SECTOR);
+		partition_table_free(&t);
+		/* primary array damaged: the backup is found there */
+		gpt_entry(b, &g, 1)[33] ^= 1;
 		check_gpt_sample(big);
 		bdev_close(big);
 	}
@@ -904,7 +914,12 @@ static void test_gpt_array_elsewhere(void)
 	g_assert_cmpuint(t.count, ==, 2);
 	assert_part(&t, 1, 10, 990);
 	assert_part(&t, 3, 2048, 2048);
-	g_assert_cmpuint(t.table_bytes_head, ==, 1032 * SECTOR);
+	/* watched: LBA 0-1 as the head, the array by its own sectors */
+	g_assert_cmpuint(t.table_bytes_head, ==, 2 * SECTOR);
+	g_assert_cmpuint(t.ntable_sectors, ==, 32);
+	g_assert_cmpuint(t.table_sectors[0], ==, 1000 * SECTOR);
+	g_assert_cmpuint(t.table_sectors[31], ==, 1031 * SECTOR);
+	g_assert_true(t.table_at_end);
 	partition_table_free(&t);
 	bdev_close(d);
 }
