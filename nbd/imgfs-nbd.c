@@ -505,8 +505,12 @@ static int serve_image(struct cli *c, int lfd)
 	r = nbd_server_run(the_server, lfd);
 	if (r < 0)
 		fprintf(stderr, "imgfs-nbd: %s\n", strerror(-r));
-	nbd_server_free(the_server);
-	the_server = NULL;
+	{
+		struct nbd_server *s = the_server;
+
+		the_server = NULL; /* before freeing: the signal handler uses it */
+		nbd_server_free(s);
+	}
 	if (win)
 		bdev_close(win);
 	if (image_close(img) < 0) {
