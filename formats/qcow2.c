@@ -129,6 +129,31 @@ static char *ext_string(const uint8_t *p, uint32_t len)
 	return str;
 }
 
+/* § "Bitmaps extension": only meaningful while autoclear bit 0 is set. */
+static int check_bitmaps_ext(const struct qcow2 *s, const uint8_t *p, uint32_t len,
+			     struct err *e)
+{
+	uint32_t nb;
+	uint64_t dir_size, dir_off;
+
+	if (!(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+		return 0; /* stale: qemu ignores (and later drops) it */
+	if (len != 24)
+		return err_set(e, -EINVAL, "%s: bitmaps extension has length %u (24 expected)",
+			       s->path, len);
+	nb = be32(p);
+	dir_size = be64(p + 8);
+	dir_off = be64(p + 16);
+	if (nb == 0 || nb > 65535 || be32(p + 4))
+		return err_set(e, -EINVAL, "%s: bitmaps extension: invalid bitmap count %u or reserved field",
+			       s->path, nb);
+	if (!is_aligned(dir_off, s->cluster_size) || dir_size > 1024ull * 65535 ||
+	    range_exceeds(dir_off, dir_size, qcow2_file_size(s->file)))
+		return err_set(e, -EINVAL, "%s: bitmaps extension: invalid bitmap directory (offset 0x%" PRIx64 ", %" PRIu64 " bytes)",
+			       s->path, dir_off, dir_size);
+	return 0;
+}
+
 /*
  * Header extensions (§ "Header extensions"): from the end of the header to
  * the backing file name (or the end of cluster 0), each {magic, len, data}
@@ -138,6 +163,7 @@ static int parse_extensions(struct qcow2 *s, const uint8_t *c0, uint64_t c0_len,
 			    uint64_t end, struct err *e)
 {
 	uint64_t off = s->header_length;
+	int r;
 
 	while (off < end) {
 		uint32_t magic, len;
@@ -179,8 +205,12 @@ static int parse_extensions(struct qcow2 *s, const uint8_t *c0, uint64_t c0_len,
 			/* only meaningful with crypt_method 2, which we refuse */
 			break;
 		case QCOW2_EXT_BITMAPS:
-			/* Persistent bitmaps are not used for reading; a later write
-			 * path must clear autoclear bit 0 before its first write. */
+			/* Persistent bitmaps are not used for reading (a later write
+			 * path must clear autoclear bit 0 before its first write),
+			 * but a malformed extension is refused as qemu does. */
+			r = check_bitmaps_ext(s, c0 + off, len, e);
+			if (r < 0)
+				return r;
 			break;
 		default: {
 			struct qcow2_ext *x;

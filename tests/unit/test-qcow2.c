@@ -479,6 +479,33 @@ static void test_header_features(void)
 	g_assert_nonnull(strstr(e.msg, "extended L2"));
 	g_unlink(img);
 
+	/* persistent bitmaps are ignored for reading, but must be well formed */
+	sh("qemu-img create -q -f qcow2 '%s' 1M && qemu-io -f qcow2 -c 'write -P 0x3d 0 64k' '%s' >/dev/null && "
+	   "qemu-img bitmap --add '%s' b0 && qemu-io -f qcow2 -c 'write -P 0x3e 64k 64k' '%s' >/dev/null",
+	   img, img, img, img);
+	g_assert_true(peek64(img, 88) & QCOW2_AUTOCLEAR_BITMAPS);
+	check_image(img);
+	{
+		uint64_t off = 112;
+
+		for (;;) {
+			uint64_t w = peek64(img, off);
+
+			g_assert_cmpuint(w >> 32, !=, 0);
+			if (w >> 32 == QCOW2_EXT_BITMAPS) {
+				patch32(img, off + 8, 0); /* nb_bitmaps */
+				break;
+			}
+			off += 8 + (((uint32_t)w + 7) & ~7u);
+		}
+	}
+	memset(&e, 0, sizeof(e));
+	g_assert_cmpint(open_img(img, NULL, &dev, &e), ==, -EINVAL);
+	g_assert_nonnull(strstr(e.msg, "bitmaps extension"));
+	patch64(img, 88, 0); /* without autoclear bit 0 the extension is stale */
+	check_image(img);
+	g_unlink(img);
+
 	/* a real encrypted image (legacy AES: LUKS key setup takes seconds;
 	 * crypt_method 2 is covered by the header refusals) */
 	sh("qemu-img create -q --object secret,id=sec0,data=abc -f qcow2 "
