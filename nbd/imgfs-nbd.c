@@ -50,7 +50,7 @@ struct cli {
 };
 
 static volatile sig_atomic_t got_signal;
-static struct nbd_server *the_server;
+static struct nbd_server *volatile the_server;
 static int sig_pipe[2] = { -1, -1 };
 
 static void on_signal(int sig)
