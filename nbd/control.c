@@ -145,61 +145,68 @@ static void *watcher(void *arg)
 	return NULL;
 }
 
-/* Build the export list the request names. */
-static unsigned make_exports(struct nbd_control *ctl, const struct parsed *p,
-			     struct nbd_export **out, unsigned *dflt, struct err *e)
+/* Every view of the mount, as it is at each lookup (tables get re-read). */
+struct all_views {
+	struct image *img;
+	bool read_only;
+};
+
+static unsigned list_all_views(void *opaque, struct nbd_export **out, unsigned *dflt)
 {
-	struct nbd_export *x;
+	struct all_views *a = opaque;
 	struct view **views = NULL;
-	unsigned n = 0;
+	unsigned nv = image_list_views(a->img, &views, NULL);
+	struct nbd_export *x = xcalloc(nv, sizeof(*x));
 
 	*dflt = 0;
-	if (!strcmp(p->view, "*") && p->partition < 0 && !p->has_snapshot) {
-		unsigned nv = image_list_views(ctl->img, &views, NULL);
-
-		x = xcalloc(nv, sizeof(*x));
-		for (unsigned i = 0; i < nv; i++) {
-			if (!strcmp(views[i]->name, "disk"))
-				*dflt = n;
-			x[n].name = views[i]->name;
-			x[n].description = views[i]->name;
-			x[n].dev = views[i]->dev;
-			x[n].read_only = p->read_only || !views[i]->writable;
-			n++;
-		}
-		free(views);
-	} else {
-		struct view *v = image_pick_view(ctl->img,
-						 strcmp(p->view, "*") ? p->view : NULL,
-						 p->partition,
-						 p->has_snapshot ? p->snapshot : NULL, e);
-		if (!v)
-			return 0;
-		x = xcalloc(1, sizeof(*x));
-		x->name = p->has_export ? p->export_name : v->name;
-		x->description = p->has_desc ? p->description : v->name;
-		x->dev = v->dev;
-		x->read_only = p->read_only || !v->writable;
-		n = 1;
+	for (unsigned i = 0; i < nv; i++) {
+		/* view names and devices live until image_close (views are retired, not freed) */
+		if (!strcmp(views[i]->name, "disk"))
+			*dflt = i;
+		x[i].name = views[i]->name;
+		x[i].description = views[i]->name;
+		x[i].dev = views[i]->dev;
+		x[i].read_only = a->read_only || !views[i]->writable;
 	}
-	if (!n) {
-		free(x);
-		err_set(e, -ENOENT, "the image has no views");
-		return 0;
-	}
+	free(views);
 	*out = x;
-	return n;
+	return nv;
+}
+
+/* The server the request asks for: every view, or one. */
+static struct nbd_server *make_server(struct nbd_control *ctl, const struct parsed *p,
+				      struct all_views *all, struct err *e)
+{
+	struct nbd_server_opts o = {
+		.max_clients = p->shared, .persistent = p->persistent,
+		.allocation_depth = p->allocation_depth,
+		.handshake_timeout = MIN(p->handshake_limit, 3600u),
+	};
+	struct nbd_export x;
+	struct view *v;
+
+	if (!strcmp(p->view, "*") && p->partition < 0 && !p->has_snapshot) {
+		*all = (struct all_views){ ctl->img, p->read_only };
+		return nbd_server_new_dynamic(list_all_views, all, &o);
+	}
+	v = image_pick_view(ctl->img, strcmp(p->view, "*") ? p->view : NULL,
+			    p->partition, p->has_snapshot ? p->snapshot : NULL, e);
+	if (!v)
+		return NULL;
+	x.name = p->has_export ? p->export_name : v->name;
+	x.description = p->has_desc ? p->description : v->name;
+	x.dev = v->dev;
+	x.read_only = p->read_only || !v->writable;
+	return nbd_server_new(&x, 1, &o);
 }
 
 static void session_serve(struct session *s, int nbd_fd, char *msg)
 {
-	struct nbd_server_opts o = { 0 };
-	struct nbd_export *x = NULL;
+	struct all_views all;
 	struct err e = { 0 };
 	struct parsed p;
 	struct watch w;
 	pthread_t wt;
-	unsigned n, dflt;
 	int acc = 0;
 	socklen_t sl = sizeof(acc);
 
@@ -208,18 +215,11 @@ static void session_serve(struct session *s, int nbd_fd, char *msg)
 		return;
 	}
 	if (parse_request(msg, &p, &e) < 0 ||
-	    !(n = make_exports(s->ctl, &p, &x, &dflt, &e))) {
+	    !(w.srv = make_server(s->ctl, &p, &all, &e))) {
 		session_reply(s->fd, e.msg);
 		return;
 	}
-	o.max_clients = p.shared;
-	o.persistent = p.persistent;
-	o.allocation_depth = p.allocation_depth;
-	o.default_export = dflt;
-	o.handshake_timeout = MIN(p.handshake_limit, 3600u);
 	w.fd = s->fd;
-	w.srv = nbd_server_new(x, n, &o);
-	free(x);
 	if (pthread_create(&wt, NULL, watcher, &w)) {
 		session_reply(s->fd, "cannot start a thread");
 		nbd_server_free(w.srv);

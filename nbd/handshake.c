@@ -17,14 +17,54 @@
 /* What an option handler tells the loop. */
 enum opt_result { OPT_CONTINUE, OPT_TRANSMIT, OPT_CLOSE };
 
-const struct nbd_export *nbd_find_export(struct nbd_server *s, const char *name)
+/* The export list as it is now: the static one, or a fresh one. */
+struct xlist {
+	struct nbd_export *x;
+	unsigned n, dflt;
+	bool owned;
+};
+
+static void xlist_get(struct nbd_server *s, struct xlist *l)
 {
-	for (unsigned i = 0; i < s->nexports; i++)
-		if (strcmp(s->exports[i].name, name) == 0)
-			return &s->exports[i];
-	if (!*name && s->nexports)
-		return &s->exports[s->opts.default_export];
-	return NULL;
+	if (s->list_fn) {
+		l->x = NULL;
+		l->dflt = 0;
+		l->n = s->list_fn(s->list_opaque, &l->x, &l->dflt);
+		l->owned = true;
+		if (l->dflt >= l->n)
+			l->dflt = 0;
+	} else {
+		l->x = s->exports;
+		l->n = s->nexports;
+		l->dflt = s->opts.default_export;
+		l->owned = false;
+	}
+}
+
+static void xlist_put(struct xlist *l)
+{
+	if (l->owned)
+		free(l->x);
+}
+
+bool nbd_find_export(struct nbd_server *s, const char *name, struct nbd_export *out)
+{
+	struct xlist l;
+	bool found = false;
+
+	xlist_get(s, &l);
+	for (unsigned i = 0; i < l.n && !found; i++) {
+		if (strcmp(l.x[i].name, name) == 0) {
+			*out = l.x[i];
+			found = true;
+		}
+	}
+	if (!found && !*name && l.n) {
+		*out = l.x[l.dflt];
+		found = true;
+	}
+	xlist_put(&l);
+	return found;
 }
 
 static bool export_ro(const struct nbd_export *exp)
@@ -75,12 +115,14 @@ static enum opt_result rep(struct nbd_conn *c, uint32_t opt, uint32_t type)
 
 static enum opt_result opt_list(struct nbd_conn *c, uint32_t len)
 {
-	struct nbd_server *s = c->srv;
+	struct xlist l;
+	bool failed = false;
 
 	if (len)
 		return rep(c, NBD_OPT_LIST, NBD_REP_ERR_INVALID);
-	for (unsigned i = 0; i < s->nexports; i++) {
-		const struct nbd_export *x = &s->exports[i];
+	xlist_get(c->srv, &l);
+	for (unsigned i = 0; i < l.n && !failed; i++) {
+		const struct nbd_export *x = &l.x[i];
 		size_t nl = strnlen(x->name, NBD_MAX_STRING);
 		size_t dl = x->description ? strnlen(x->description, NBD_MAX_STRING) : 0;
 		uint8_t *buf = xmalloc(4 + nl + dl);
@@ -92,10 +134,10 @@ static enum opt_result opt_list(struct nbd_conn *c, uint32_t len)
 			memcpy(buf + 4 + nl, x->description, dl);
 		r = send_rep(c, NBD_OPT_LIST, NBD_REP_SERVER, buf, 4 + nl + dl);
 		free(buf);
-		if (r < 0)
-			return OPT_CLOSE;
+		failed = r < 0;
 	}
-	return rep(c, NBD_OPT_LIST, NBD_REP_ACK);
+	xlist_put(&l);
+	return failed ? OPT_CLOSE : rep(c, NBD_OPT_LIST, NBD_REP_ACK);
 }
 
 static int send_info(struct nbd_conn *c, uint32_t opt, uint16_t type,
@@ -121,7 +163,7 @@ static char *dup_str(const uint8_t *p, size_t n)
 static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 				   const uint8_t *p, uint32_t len)
 {
-	const struct nbd_export *x;
+	struct nbd_export xv, *x = &xv;
 	uint32_t namelen;
 	uint16_t nreq;
 	uint8_t b[12];
@@ -147,8 +189,7 @@ static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 		free(name);
 		return rep(c, opt, NBD_REP_ERR_INVALID);
 	}
-	x = nbd_find_export(c->srv, name);
-	if (!x) {
+	if (!nbd_find_export(c->srv, name, x)) {
 		free(name);
 		return rep(c, opt, NBD_REP_ERR_UNKNOWN);
 	}
@@ -181,7 +222,8 @@ static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 	if (c->meta_export && strcmp(c->meta_export, name) != 0)
 		c->ctx_base = c->ctx_depth = false;
 	free(name);
-	c->exp = x;
+	c->expv = *x;
+	c->exp = &c->expv;
 	c->tflags = nbd_export_tflags(c, x);
 	return OPT_TRANSMIT;
 close:
@@ -192,7 +234,7 @@ close:
 static enum opt_result opt_export_name(struct nbd_conn *c, const uint8_t *p,
 				       uint32_t len)
 {
-	const struct nbd_export *x;
+	struct nbd_export xv, *x = &xv;
 	uint8_t b[10 + 124] = { 0 };
 	char *name;
 
@@ -200,8 +242,7 @@ static enum opt_result opt_export_name(struct nbd_conn *c, const uint8_t *p,
 	if (len > NBD_MAX_STRING)
 		return OPT_CLOSE;
 	name = dup_str(p, len);
-	x = strlen(name) == len ? nbd_find_export(c->srv, name) : NULL;
-	if (!x) {
+	if (strlen(name) != len || !nbd_find_export(c->srv, name, x)) {
 		log_info("nbd: client asked for unknown export \"%s\"", name);
 		free(name);
 		return OPT_CLOSE;
@@ -209,7 +250,8 @@ static enum opt_result opt_export_name(struct nbd_conn *c, const uint8_t *p,
 	if (c->meta_export && strcmp(c->meta_export, name) != 0)
 		c->ctx_base = c->ctx_depth = false;
 	free(name);
-	c->exp = x;
+	c->expv = *x;
+	c->exp = &c->expv;
 	c->tflags = nbd_export_tflags(c, x);
 	put_be64(b, x->dev->size);
 	put_be16(b + 8, c->tflags);
@@ -235,6 +277,7 @@ static enum opt_result opt_meta(struct nbd_conn *c, uint32_t opt,
 {
 	bool set = opt == NBD_OPT_SET_META_CONTEXT;
 	bool base = false, depth = false;
+	struct nbd_export xv;
 	uint32_t namelen, nq, pos;
 	char *name;
 
@@ -269,7 +312,7 @@ static enum opt_result opt_meta(struct nbd_conn *c, uint32_t opt,
 	if (!nq && pos != len)
 		return rep(c, opt, NBD_REP_ERR_INVALID);
 	name = dup_str(p + 4, namelen);
-	if (strlen(name) != namelen || !nbd_find_export(c->srv, name)) {
+	if (strlen(name) != namelen || !nbd_find_export(c->srv, name, &xv)) {
 		free(name);
 		return rep(c, opt, NBD_REP_ERR_UNKNOWN);
 	}

@@ -21,8 +21,10 @@
 #define NBD_CONN_MAX_BYTES    (64u << 20)
 
 struct nbd_server {
-	struct nbd_export *exports;
+	struct nbd_export *exports; /* static exports, or ... */
 	unsigned nexports;
+	nbd_export_list_fn list_fn; /* ... asked each time (then exports is NULL) */
+	void *list_opaque;
 	struct nbd_server_opts opts;
 
 	int wake[2];              /* self-pipe: stop requests and ended connections */
@@ -62,7 +64,8 @@ struct nbd_conn {
 	unsigned noptions;
 
 	/* transmission */
-	const struct nbd_export *exp;
+	struct nbd_export expv;   /* the export picked (a copy: lists may change) */
+	const struct nbd_export *exp; /* &expv once picked */
 	uint16_t tflags;
 	pthread_mutex_t send_lock;
 	bool send_failed;
@@ -88,8 +91,8 @@ int nbd_conn_discard(struct nbd_conn *c, uint64_t len);
 
 /* handshake.c: true if the client picked an export (c->exp set). */
 bool nbd_handshake(struct nbd_conn *c);
-/* Export lookup by name ("" = default), or NULL. */
-const struct nbd_export *nbd_find_export(struct nbd_server *s, const char *name);
+/* Export lookup by name ("" = default): copies it to *out, false if none. */
+bool nbd_find_export(struct nbd_server *s, const char *name, struct nbd_export *out);
 uint16_t nbd_export_tflags(struct nbd_conn *c, const struct nbd_export *exp);
 
 /* transmission.c: serve requests until disconnect. */

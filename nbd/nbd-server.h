@@ -51,6 +51,17 @@ struct nbd_server;
 struct nbd_server *nbd_server_new(const struct nbd_export *exports, unsigned n,
 				  const struct nbd_server_opts *opts);
 /*
+ * Exports that may change while the server runs (a mount whose partition
+ * table is rewritten): list is asked at every LIST, INFO, GO and
+ * EXPORT_NAME for a malloc'd array (freed by the server) and the index of
+ * the default export.  The strings and bdevs in it must stay valid until
+ * the server is freed.  opts->default_export is ignored.
+ */
+typedef unsigned (*nbd_export_list_fn)(void *opaque, struct nbd_export **out,
+				       unsigned *default_export);
+struct nbd_server *nbd_server_new_dynamic(nbd_export_list_fn list, void *opaque,
+					  const struct nbd_server_opts *opts);
+/*
  * Accept and serve clients from listen_fd (not closed) until
  * nbd_server_stop() or, when not persistent, until the last client has
  * left.  Returns 0, or a negative errno if accepting failed.

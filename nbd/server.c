@@ -135,10 +135,29 @@ int nbd_conn_discard(struct nbd_conn *c, uint64_t len)
 
 /* ---- server object ---------------------------------------------------- */
 
+static struct nbd_server *server_alloc(const struct nbd_server_opts *opts)
+{
+	struct nbd_server *s = xcalloc(1, sizeof(*s));
+
+	if (opts)
+		s->opts = *opts;
+	if (!s->opts.handshake_timeout)
+		s->opts.handshake_timeout = 10;
+	if (!s->opts.workers)
+		s->opts.workers = 8;
+	if (pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+		log_err("nbd: pipe: %s", strerror(errno));
+		abort();
+	}
+	pthread_mutex_init(&s->lock, NULL);
+	pthread_cond_init(&s->cond, NULL);
+	return s;
+}
+
 struct nbd_server *nbd_server_new(const struct nbd_export *exports, unsigned n,
 				  const struct nbd_server_opts *opts)
 {
-	struct nbd_server *s = xcalloc(1, sizeof(*s));
+	struct nbd_server *s = server_alloc(opts);
 
 	s->exports = xcalloc(n, sizeof(*s->exports));
 	for (unsigned i = 0; i < n; i++) {
@@ -148,20 +167,18 @@ struct nbd_server *nbd_server_new(const struct nbd_export *exports, unsigned n,
 			exports[i].description ? xstrdup(exports[i].description) : NULL;
 	}
 	s->nexports = n;
-	if (opts)
-		s->opts = *opts;
-	if (!s->opts.handshake_timeout)
-		s->opts.handshake_timeout = 10;
-	if (!s->opts.workers)
-		s->opts.workers = 8;
 	if (s->opts.default_export >= n)
 		s->opts.default_export = 0;
-	if (pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
-		log_err("nbd: pipe: %s", strerror(errno));
-		abort();
-	}
-	pthread_mutex_init(&s->lock, NULL);
-	pthread_cond_init(&s->cond, NULL);
+	return s;
+}
+
+struct nbd_server *nbd_server_new_dynamic(nbd_export_list_fn list, void *opaque,
+					  const struct nbd_server_opts *opts)
+{
+	struct nbd_server *s = server_alloc(opts);
+
+	s->list_fn = list;
+	s->list_opaque = opaque;
 	return s;
 }
 

@@ -396,6 +396,19 @@ PY
 	[ "$(nbdinfo --size "$URI")" -eq $(((32 * 2048 - 16384) * 512)) ]
 }
 
+@test "a mount directory's exports follow a rewritten partition table" {
+	mkdir mnt
+	mount_imgfs r.raw mnt --format=raw
+	start_nbd all -t -e 0 mnt
+	run nbdinfo --list "$URI"
+	[[ "$output" != *'export="p3"'* ]]
+	printf 'label: dos\nstart=2048, size=2048, type=83\nstart=4096, size=2048, type=83\nstart=8192, type=83\n' |
+		sfdisk -q --no-reread --no-tell-kernel mnt/disk
+	run nbdinfo --list "$URI"
+	[[ "$output" == *'export="p3"'* ]]
+	[ "$(nbdinfo --size "nbd+unix:///p2?socket=$SOCK")" -eq $((2048 * 512)) ]
+}
+
 @test "the export ends with imgfs-nbd, and the view can be exported again" {
 	mkdir mnt
 	mount_imgfs r.raw mnt --format=raw

@@ -881,6 +881,64 @@ static void test_run_not_persistent(void)
 	g_free(dir);
 }
 
+/* ---- exports that change while the server runs -------------------------- */
+
+static unsigned dyn_n = 1;
+
+static unsigned dyn_list(void *opaque, struct nbd_export **out, unsigned *dflt)
+{
+	struct bdev *dev = opaque;
+	struct nbd_export *x = xcalloc(2, sizeof(*x)); /* the server free()s it */
+
+	x[0] = (struct nbd_export){ "a", NULL, dev, false };
+	x[1] = (struct nbd_export){ "b", NULL, dev, true };
+	*out = x;
+	*dflt = dyn_n - 1;
+	return dyn_n;
+}
+
+static unsigned count_list(struct fixture *f)
+{
+	uint8_t *d;
+	uint32_t t;
+	unsigned n = 0;
+
+	send_opt(f, NBD_OPT_LIST, NULL, 0);
+	while ((t = recv_rep(f, NBD_OPT_LIST, &d, NULL)) == NBD_REP_SERVER) {
+		n++;
+		g_free(d);
+	}
+	g_free(d);
+	g_assert_cmphex(t, ==, NBD_REP_ACK);
+	return n;
+}
+
+static void test_dynamic_exports(void)
+{
+	struct bdev *dev = mem_new(false);
+	struct fixture f = { 0 };
+	uint8_t b[64];
+	int sv[2];
+
+	f.srv = nbd_server_new_dynamic(dyn_list, dev, NULL);
+	g_assert_cmpint(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), ==, 0);
+	f.fd = sv[0];
+	f.sfd = sv[1];
+	pthread_create(&f.thread, NULL, serve, &f);
+	greet(&f, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	dyn_n = 1;
+	g_assert_cmpuint(count_list(&f), ==, 1);
+	send_opt(&f, NBD_OPT_INFO, b, info_req(b, "b", NULL, 0));
+	g_assert_cmphex(rep_type(&f, NBD_OPT_INFO), ==, NBD_REP_ERR_UNKNOWN);
+	dyn_n = 2; /* a new view appears */
+	g_assert_cmpuint(count_list(&f), ==, 2);
+	g_assert_true(go(&f, "") & NBD_FLAG_READ_ONLY); /* the default is now "b" */
+	close(f.fd);
+	pthread_join(f.thread, NULL);
+	nbd_server_free(f.srv);
+	mem_free(dev);
+}
+
 /* ---- the mount-daemon bridge (control.c) over a real raw image ---------- */
 
 static void test_control_bridge(void)
@@ -1017,6 +1075,7 @@ int main(int argc, char **argv)
 		   handshake_timeout_setup, test_handshake_timeout, fx_teardown);
 	g_test_add_func("/nbd/run/stop", test_run_stop);
 	g_test_add_func("/nbd/run/not-persistent", test_run_not_persistent);
+	g_test_add_func("/nbd/run/dynamic-exports", test_dynamic_exports);
 	g_test_add_func("/nbd/control/bridge", test_control_bridge);
 	return g_test_run();
 }
