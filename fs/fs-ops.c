@@ -10,12 +10,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define FS_MAX_IO (1u << 20) /* max_write and the largest read we expect */
 #define ATTR_TIMEOUT 1.0
 
 static struct fs *FS(fuse_req_t req) { return fuse_req_userdata(req); }
@@ -192,12 +192,13 @@ static void view_stat(struct fs *fs, fuse_ino_t ino, struct view *v, struct stat
 
 static void root_dir_stat(struct fs *fs, struct stat *st)
 {
-	mode_t perm = fs->image_st.st_mode & 0777;
+	/* no files can be made in it: no write bits; searchable wherever the
+	 * image is readable */
+	mode_t perm = fs->image_st.st_mode & 0444;
 
 	memset(st, 0, sizeof(*st));
 	st->st_ino = FUSE_ROOT_ID;
-	/* a directory is searchable wherever the image is readable */
-	perm |= (perm & 0444) >> 2;
+	perm |= perm >> 2;
 	st->st_mode = S_IFDIR | perm;
 	st->st_nlink = 2;
 	st->st_uid = fs->image_st.st_uid;
@@ -406,6 +407,32 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static struct view *FV(struct fuse_file_info *fi) { return (struct view *)(uintptr_t)fi->fh; }
 
+/*
+ * One read buffer per FUSE worker thread, reused: a malloc/free of 1 MiB
+ * per request costs page faults (or an mmap/munmap pair) every time.
+ * pread into it + fuse_reply_buf beats libfuse's splice path here
+ * (shared/notes/pitfalls.md).  Freed when libfuse retires the thread.
+ */
+static pthread_key_t read_buf_key;
+static pthread_once_t read_buf_once = PTHREAD_ONCE_INIT;
+static __thread void *read_buf;
+
+static void read_buf_key_init(void)
+{
+	pthread_key_create(&read_buf_key, free);
+}
+
+static void *thread_read_buf(void)
+{
+	if (!read_buf) {
+		pthread_once(&read_buf_once, read_buf_key_init);
+		if (posix_memalign(&read_buf, 4096, FS_MAX_IO))
+			return read_buf = NULL;
+		pthread_setspecific(read_buf_key, read_buf);
+	}
+	return read_buf;
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		    struct fuse_file_info *fi)
 {
@@ -423,7 +450,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		return;
 	}
 	size = (size_t)MIN((uint64_t)size, v->length - uoff);
-	buf = malloc(size);
+	buf = size <= FS_MAX_IO ? thread_read_buf() : malloc(size);
 	if (!buf) {
 		fuse_reply_err(req, ENOMEM);
 		return;
@@ -435,7 +462,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	}
 	else
 		fuse_reply_buf(req, buf, size);
-	free(buf);
+	if (size > FS_MAX_IO)
+		free(buf);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
