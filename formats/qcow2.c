@@ -590,7 +590,6 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 		log_debug("%s: image is dirty (lazy refcounts); fine for reading", path);
 
 	d = bdev_new(&qcow2_ops, "qcow2", s->size, true, s);
-	d->min_block = 1;
 	*out = d;
 	return 0;
 fail:
@@ -598,20 +597,14 @@ fail:
 	return r;
 }
 
-/* The device behind a qcow2 bdev (NULL if it is not one). */
-static struct qcow2 *qcow2_of(struct bdev *d)
+struct qcow2 *qcow2_state(struct bdev *d)
 {
 	return d && d->ops == &qcow2_ops ? d->priv : NULL;
 }
 
 const char *qcow2_backing_name(struct bdev *d)
 {
-	struct qcow2 *s = qcow2_of(d);
+	struct qcow2 *s = qcow2_state(d);
 
 	return s ? s->backing_name : NULL;
-}
-
-struct qcow2 *qcow2_state(struct bdev *d)
-{
-	return qcow2_of(d);
 }
