@@ -382,6 +382,16 @@ PY
 	[ "$status" -ne 0 ]
 }
 
+@test "a snapshot view of a mount is exported read-only, as it was" {
+	qemu-img snapshot -c before a.qcow2
+	qemu-io -f qcow2 -c 'write -P 0x77 0 1M' a.qcow2 >/dev/null
+	mkdir mnt
+	mount_imgfs a.qcow2 mnt
+	start_nbd snap -t mnt/snap@before
+	[ "$(nbdinfo --json "$URI" | jq '.exports[0].is_read_only')" = true ]
+	qemu-io -r -f raw -c 'read -P 0x11 0 1M' "$URI"
+}
+
 @test "a mount directory exports every view by name, disk by default" {
 	mkdir mnt
 	mount_imgfs r.raw mnt --format=raw
