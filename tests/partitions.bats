@@ -218,6 +218,19 @@ PY
 	fsck.ext4 -n -f p6.raw
 }
 
+@test "bytes written to p5 are at p5's offset in disk and in the image" {
+	make_mbr raw.img
+	read -r n start size < <(sfdisk_parts raw.img | awk '$1 == 5')
+	mount_imgfs raw.img mnt --format=raw
+	pattern_file data 1048576 5
+	dd if=data of=mnt/p5 bs=64k seek=1 conv=notrunc,fsync status=none
+	dd if=mnt/disk of=got bs=64k iflag=skip_bytes skip=$((start * 512 + 65536)) count=16 status=none
+	same_bytes data got
+	unmount_imgfs mnt
+	dd if=raw.img of=got bs=64k iflag=skip_bytes skip=$((start * 512 + 65536)) count=16 status=none
+	same_bytes data got
+}
+
 @test "a table written through disk makes its partitions appear" {
 	qemu-img create -q -f qcow2 img.qcow2 64M
 	mount_imgfs img.qcow2 mnt
