@@ -275,7 +275,10 @@ static void conn_serve(struct nbd_conn *c)
 	if (nbd_handshake(c)) {
 		c->in_handshake = false;
 		setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof(none));
+		log_info("nbd: client on export \"%s\"%s", c->exp->name,
+			 c->structured ? " (structured replies)" : "");
 		nbd_transmission(c);
+		log_info("nbd: client on export \"%s\" left", c->exp->name);
 	}
 	free(c->meta_export);
 	c->meta_export = NULL;
