@@ -28,7 +28,7 @@ struct nbd_server {
 	struct nbd_server_opts opts;
 
 	int wake[2];              /* self-pipe: stop requests and ended connections */
-	volatile int stopping;    /* set by nbd_server_stop (signal-safe) */
+	int stopping;             /* set by nbd_server_stop; atomic (signal-safe) */
 
 	pthread_mutex_t lock;     /* guards the lists and counters below */
 	pthread_cond_t cond;      /* a connection ended */

@@ -187,7 +187,7 @@ void nbd_server_stop(struct nbd_server *s)
 	int saved = errno;
 	ssize_t r;
 
-	s->stopping = 1;
+	__atomic_store_n(&s->stopping, 1, __ATOMIC_SEQ_CST);
 	r = write(s->wake[1], "s", 1);
 	(void)r;
 	errno = saved;
@@ -399,7 +399,7 @@ int nbd_server_run(struct nbd_server *s, int listen_fd)
 			break; /* qemu-nbd without -t: the last client has left */
 		}
 		pthread_mutex_unlock(&s->lock);
-		if (s->stopping)
+		if (__atomic_load_n(&s->stopping, __ATOMIC_SEQ_CST))
 			break;
 		/* At the limit, new clients wait in the listen backlog. */
 		r = poll(pfd, nconns < conn_limit(s) ? 2 : 1, -1);
@@ -413,7 +413,7 @@ int nbd_server_run(struct nbd_server *s, int listen_fd)
 		if (pfd[0].revents)
 			while (read(s->wake[0], drain, sizeof(drain)) > 0)
 				;
-		if (s->stopping)
+		if (__atomic_load_n(&s->stopping, __ATOMIC_SEQ_CST))
 			break;
 		if (pfd[1].revents & (POLLERR | POLLNVAL)) {
 			ret = -EBADF;
