@@ -376,6 +376,57 @@ static const char *syslog_ident(const char *image_path)
 	return ident;
 }
 
+/*
+ * The kernel caps FUSE readahead at the bdi's read_ahead_kb (128 KiB by
+ * default) whatever max_readahead we ask for in INIT, so buffered reads
+ * arrive as 128 KiB requests.  Raise it to 1 MiB (max_pages) when we may
+ * (root): sequential reads then come as 1 MiB requests, several in flight.
+ * The mount's device comes from mountinfo: a stat() of the mountpoint would
+ * need the loop that is not running yet.
+ */
+static void tune_readahead(const char *mountpoint)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "r");
+	char line[4096], dev[32] = "", path[64];
+	unsigned long cur = 0;
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof(line), f)) {
+		char mdev[32], mnt[4096], *o = mnt;
+
+		if (sscanf(line, "%*s %*s %31s %*s %4095s", mdev, mnt) != 2)
+			continue;
+		/* mountinfo escapes space, tab, newline and backslash as \ooo */
+		for (char *i = mnt; *i; i++, o++) {
+			if (i[0] == '\\' && i[1] >= '0' && i[1] <= '3' && i[2] && i[3]) {
+				*o = (char)((i[1] - '0') << 6 | (i[2] - '0') << 3 | (i[3] - '0'));
+				i += 3;
+			} else {
+				*o = *i;
+			}
+		}
+		*o = 0;
+		if (!strcmp(mnt, mountpoint))
+			snprintf(dev, sizeof(dev), "%s", mdev); /* the last one is on top */
+	}
+	fclose(f);
+	if (!dev[0])
+		return;
+	snprintf(path, sizeof(path), "/sys/class/bdi/%s/read_ahead_kb", dev);
+	f = fopen(path, "r+");
+	if (!f) {
+		log_debug("readahead stays at the kernel's default: %s: %s", path, strerror(errno));
+		return;
+	}
+	if (fscanf(f, "%lu", &cur) == 1 && cur < FS_READAHEAD_KB) {
+		rewind(f);
+		fprintf(f, "%u\n", FS_READAHEAD_KB);
+	}
+	if (fclose(f) != 0)
+		log_debug("cannot raise %s to %u: %s", path, FS_READAHEAD_KB, strerror(errno));
+}
+
 /* Signals end the loop; a backgrounded shell job has SIGINT ignored, and
  * libfuse leaves ignored signals alone, so restore the defaults first. */
 static int install_signals(struct fuse_session *se)
@@ -521,6 +572,9 @@ int main(int argc, char **argv)
 	fs->single_thread = c.single;
 	fs_init_nodes(fs);
 
+	/* -r: the kernel mount is read-only too, as with -o ro (findmnt shows it) */
+	if (c.read_only)
+		fuse_opt_add_arg(&args, "-oro");
 	if (!fuse_opt_add_arg(&args, "-o") && !fuse_opt_add_arg(&args, "default_permissions")) {
 		char *fsname = g_strdup_printf("-ofsname=%s,subtype=imgfs", fs->img->path);
 		/* commas in a path would split the option: fsname is cosmetic */
@@ -542,6 +596,7 @@ int main(int argc, char **argv)
 		image_close(fs->img);
 		return EXIT_MOUNT;
 	}
+	tune_readahead(c.mountpoint);
 
 	if (!c.foreground) {
 		fflush(NULL);
