@@ -382,6 +382,15 @@ PY
 	[ "$status" -ne 0 ]
 }
 
+@test "a single-file mount is exported through its daemon" {
+	cp r.raw m.raw
+	mount_imgfs m.raw m.raw --format=raw -P 1
+	start_nbd fm -t m.raw
+	[ "$(nbdinfo --size "$URI")" -eq $((8192 * 512)) ]
+	qemu-io -f raw -c 'write -P 0x5a 0 4k' "$URI"
+	[ "$(od -An -tx1 -N 2 m.raw | tr -d ' ')" = 5a5a ]
+}
+
 @test "a snapshot view of a mount is exported read-only, as it was" {
 	qemu-img snapshot -c before a.qcow2
 	qemu-io -f qcow2 -c 'write -P 0x77 0 1M' a.qcow2 >/dev/null
