@@ -391,6 +391,17 @@ PY
 	[ "$(od -An -tx1 -N 2 m.raw | tr -d ' ')" = 5a5a ]
 }
 
+@test "hostile clients of a mount's export never take the mount down" {
+	mkdir mnt
+	mount_imgfs r.raw mnt --format=raw
+	start_nbd p1 -t -e 0 --handshake-limit=1 mnt/p1
+	for kind in bad-option-magic oversized-option oversized-write bad-request-magic stall; do
+		hostile "$kind"
+	done
+	nbdinfo --size "$URI"
+	cmp -n 4096 mnt/disk r.raw
+}
+
 @test "a snapshot view of a mount is exported read-only, as it was" {
 	qemu-img snapshot -c before a.qcow2
 	qemu-io -f qcow2 -c 'write -P 0x77 0 1M' a.qcow2 >/dev/null
