@@ -31,6 +31,10 @@ struct fs {
 	void *observer;
 };
 
+/* Requests: max_write, and the readahead the daemon asks the kernel for. */
+#define FS_MAX_IO (1u << 20)
+#define FS_READAHEAD_KB 1024u
+
 extern const struct fuse_lowlevel_ops fs_ops;
 void fs_init_nodes(struct fs *fs);
 void fs_free_nodes(struct fs *fs);
