@@ -118,12 +118,38 @@ void image_remove_observer(struct image *img, void *handle)
 
 static void reread_partitions(struct image *img);
 
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Does a disk write [off, off+len) touch a sector that holds the table? */
 static bool touches_table(struct image *img, uint64_t off, uint64_t len)
 {
-	uint64_t head = img->part_extent_head, tail = img->part_extent_tail;
-	uint64_t size = img->disk->size;
+	uint64_t size = img->disk->size, end = off + len;
+	bool hit;
 
-	return off < head || (tail && off + len > size - MIN(size, tail));
+	pthread_rwlock_rdlock(&img->part_lock);
+	hit = off < img->part_extent_head ||
+	      (img->part_extent_tail && end > size - MIN(size, img->part_extent_tail));
+	if (!hit && img->npart_sectors) {
+		/* the first listed sector that ends after off: does it start before end? */
+		unsigned lo = 0, hi = img->npart_sectors;
+
+		while (lo < hi) {
+			unsigned mid = lo + (hi - lo) / 2;
+
+			if (img->part_sectors[mid] + 512 <= off)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		hit = lo < img->npart_sectors && img->part_sectors[lo] < end;
+	}
+	pthread_rwlock_unlock(&img->part_lock);
+	return hit;
 }
 
 static void announce(struct image *img, uint64_t off, uint64_t len)
@@ -184,9 +210,19 @@ static void build_partition_views(struct image *img, struct view ***arr, unsigne
 		log_warn("%s: cannot read the partition table: %s", img->path, strerror(-r));
 		return;
 	}
+	pthread_rwlock_wrlock(&img->part_lock);
 	img->part_extent_head = MAX(t.table_bytes_head, 512);
 	img->part_extent_tail = t.table_at_end ? t.table_bytes_tail : 0;
 	img->part_scheme = !strcmp(t.scheme, "gpt") ? "gpt" : !strcmp(t.scheme, "mbr") ? "mbr" : "";
+	free(img->part_sectors);
+	img->part_sectors = NULL;
+	img->npart_sectors = t.ntable_sectors;
+	if (t.ntable_sectors) {
+		img->part_sectors = xmalloc(sizeof(uint64_t) * t.ntable_sectors);
+		memcpy(img->part_sectors, t.table_sectors, sizeof(uint64_t) * t.ntable_sectors);
+		qsort(img->part_sectors, t.ntable_sectors, sizeof(uint64_t), cmp_u64);
+	}
+	pthread_rwlock_unlock(&img->part_lock);
 	for (unsigned i = 0; i < t.count; i++) {
 		struct partition *p = &t.parts[i];
 		char name[32];
@@ -429,6 +465,7 @@ int image_open(const char *path, const struct image_opts *opts,
 	pthread_rwlock_init(&img->views_lock, NULL);
 	pthread_mutex_init(&img->obs_lock, NULL);
 	pthread_mutex_init(&img->reread_lock, NULL);
+	pthread_rwlock_init(&img->part_lock, NULL);
 	img->disk = bdev_new(&disk_ops, top->kind, top->size, img->read_only, img);
 	img->disk->min_block = top->min_block;
 
@@ -475,6 +512,8 @@ int image_close(struct image *img)
 	pthread_rwlock_destroy(&img->views_lock);
 	pthread_mutex_destroy(&img->obs_lock);
 	pthread_mutex_destroy(&img->reread_lock);
+	pthread_rwlock_destroy(&img->part_lock);
+	free(img->part_sectors);
 	free(img->format);
 	free(img->path);
 	free(img);

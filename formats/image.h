@@ -81,8 +81,11 @@ struct image {
 	unsigned nretired;
 	pthread_mutex_t reread_lock;
 	const char *part_scheme;   /* "mbr", "gpt" or "" */
+	pthread_rwlock_t part_lock;/* guards the table's whereabouts below */
 	uint64_t part_extent_head; /* bytes at the start that hold the table */
 	uint64_t part_extent_tail; /* bytes at the end (GPT backup) */
+	uint64_t *part_sectors;    /* other 512-byte table sectors (EBRs...), sorted */
+	unsigned npart_sectors;
 };
 
 int image_open(const char *path, const struct image_opts *opts,

@@ -22,6 +22,12 @@ int err_set(struct err *e, int code, const char *fmt, ...)
 
 enum log_level log_max_level = LOG_LVL_WARN;
 static bool log_syslog;
+static const char *log_prog = "imgfs";
+
+void log_set_prog(const char *name)
+{
+	log_prog = name;
+}
 
 void log_set_level(enum log_level max)
 {
@@ -54,7 +60,7 @@ void log_msg(enum log_level lvl, const char *fmt, ...)
 	if (log_syslog)
 		syslog(prio[lvl], "%s", line);
 	else
-		fprintf(stderr, "imgfs: %s: %s\n", word[lvl], line);
+		fprintf(stderr, "%s: %s: %s\n", log_prog, word[lvl], line);
 }
 
 bool buf_is_zero(const void *buf, size_t len)

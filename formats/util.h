@@ -29,6 +29,7 @@ void log_msg(enum log_level lvl, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 void log_set_level(enum log_level max);
 void log_use_syslog(const char *tag); /* NULL: back to stderr */
+void log_set_prog(const char *name);  /* the prefix on stderr (default "imgfs") */
 extern enum log_level log_max_level;
 #define log_err(...)   log_msg(LOG_LVL_ERR, __VA_ARGS__)
 #define log_warn(...)  log_msg(LOG_LVL_WARN, __VA_ARGS__)
