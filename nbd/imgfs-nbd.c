@@ -530,6 +530,7 @@ int main(int argc, char **argv)
 	int activated, lfd, r;
 	bool bridge = false;
 
+	log_set_prog("imgfs-nbd");
 	r = parse_args(argc, argv, &c);
 	if (r)
 		return r;
