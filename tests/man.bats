@@ -104,3 +104,18 @@ same_list() {
 	grep -q "^\.TH IMGFS\\\\-NBD 8 .*\"imgfs $v\"" "$SRC/doc/imgfs-nbd.8"
 	"$IMGFS" --version | grep -q "^imgfs $v "
 }
+
+@test "every example command of the README is in a man page's EXAMPLES" {
+	[ -f "$SRC/README" ] || skip "no README"
+	render "$SRC/doc/imgfs.1"
+	sed -n '/^EXAMPLES/,/^SEE ALSO/p' "$T/out" >"$T/examples"
+	render "$SRC/doc/imgfs-nbd.8"
+	sed -n '/^EXAMPLES/,/^SEE ALSO/p' "$T/out" >>"$T/examples"
+	n=0
+	# the README's command lines: indented, a program name, a comment
+	while IFS= read -r cmd; do
+		n=$((n + 1))
+		grep -qF -- "$cmd" "$T/examples" || { echo "not in EXAMPLES: $cmd" >&2; return 1; }
+	done < <(sed -n 's/^    \(imgfs\(-nbd\)\? [^#]*[^# ]\) *#.*/\1/p' "$SRC/README")
+	[ "$n" -ge 5 ]
+}
