@@ -1,0 +1,581 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * qcow2 refcounts (§ "Host cluster management"): entries of every width,
+ * the refcount block cache, the free-cluster allocator, refcount block
+ * allocation and refcount table growth.
+ *
+ * Invariant kept at every instant on disk: a cluster's refcount is at least
+ * the number of references to it, so a crash can only leak.  Increments
+ * happen in memory at once and reach the disk before the L2/L1 entries that
+ * use them (qcow2_meta_flush orders it); decrements wait in a pending list
+ * until the change that dropped the reference is durable.
+ *
+ * Refcount blocks are placed so that they cover themselves where they can:
+ * a block for a range that has none goes into that range, whose clusters
+ * are all free (refcount 0 means unused).  A grown refcount table goes with
+ * the blocks that cover it past the last used cluster, as qemu's
+ * qcow2_refcount_area does.
+ */
+#include "qcow2-write.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+
+#define RB_CACHE_BYTES (16ull << 20)
+#define QCOW2_MAX_HOST_CLUSTER_OFFSET ((1ull << 56) - 1)
+
+uint64_t qcow2_rc_entry_get(const uint8_t *b, unsigned order, uint64_t idx)
+{
+	switch (order) {
+	case 0: case 1: case 2: {
+		/* narrower than a byte: packed LSB-first (§ "Refcount blocks") */
+		uint64_t bit = idx << order;
+		unsigned width = 1u << order;
+
+		return (b[bit >> 3] >> (bit & 7)) & ((1u << width) - 1);
+	}
+	case 3:
+		return b[idx];
+	case 4:
+		return be16(b + idx * 2);
+	case 5:
+		return be32(b + idx * 4);
+	default:
+		return be64(b + idx * 8);
+	}
+}
+
+void qcow2_rc_entry_set(uint8_t *b, unsigned order, uint64_t idx, uint64_t v)
+{
+	switch (order) {
+	case 0: case 1: case 2: {
+		uint64_t bit = idx << order;
+		unsigned width = 1u << order, sh = (unsigned)(bit & 7);
+		unsigned mask = ((1u << width) - 1) << sh;
+
+		b[bit >> 3] = (uint8_t)((b[bit >> 3] & ~mask) | ((unsigned)(v << sh) & mask));
+		break;
+	}
+	case 3:
+		b[idx] = (uint8_t)v;
+		break;
+	case 4:
+		put_be16(b + idx * 2, (uint16_t)v);
+		break;
+	case 5:
+		put_be32(b + idx * 4, (uint32_t)v);
+		break;
+	default:
+		put_be64(b + idx * 8, v);
+		break;
+	}
+}
+
+static int load_rb(struct qcow2 *s, uint64_t idx, struct qcow2_rblock **out)
+{
+	struct qcow2_writer *w = s->w;
+	struct qcow2_rblock *rb;
+	uint64_t off;
+	int r;
+
+	*out = NULL;
+	if (idx >= w->rt_entries)
+		return 0;
+	if (w->rbs[idx]) {
+		*out = w->rbs[idx];
+		return 0;
+	}
+	off = w->reftable[idx];
+	if (!off)
+		return 0;
+	rb = xmalloc(sizeof(*rb) + s->cluster_size);
+	rb->off = off;
+	rb->dirty = false;
+	r = bdev_pread(s->file, rb->data, s->cluster_size, off);
+	if (r < 0) {
+		free(rb);
+		return r;
+	}
+	w->rbs[idx] = rb;
+	w->rbs_loaded++;
+	*out = rb;
+	return 0;
+}
+
+int qcow2_rc_init(struct qcow2 *s, struct err *e)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t fsize = qcow2_file_size(s->file), bytes;
+	int r;
+
+	w->rc_order = s->refcount_order;
+	w->rc_max = w->rc_order == 6 ? UINT64_MAX : (1ull << (1u << w->rc_order)) - 1;
+	w->rb_entries = (s->cluster_size * 8) >> w->rc_order;
+	w->rt_offset = s->refcount_table_offset;
+	w->rt_clusters = s->refcount_table_clusters;
+	bytes = (uint64_t)w->rt_clusters << s->cluster_bits;
+	w->rt_entries = bytes / 8;
+	if (range_exceeds(w->rt_offset, bytes, fsize))
+		return err_set(e, -EINVAL, "%s: refcount table at 0x%" PRIx64 " lies past the end of the file",
+			       s->path, w->rt_offset);
+	w->reftable = xmalloc(bytes);
+	r = bdev_pread(s->file, w->reftable, bytes, w->rt_offset);
+	if (r < 0)
+		return err_set(e, r, "%s: cannot read the refcount table: %s", s->path, strerror(-r));
+	for (uint64_t i = 0; i < w->rt_entries; i++) {
+		uint64_t v = be64(&w->reftable[i]);
+
+		/* bits 0-8 reserved; blocks cluster-aligned and inside the file */
+		if (v & 0x1ff || (v && (!is_aligned(v, s->cluster_size) ||
+					range_exceeds(v, s->cluster_size, fsize))))
+			return err_set(e, -EINVAL, "%s: refcount table entry %" PRIu64 " is invalid (0x%" PRIx64 "); "
+				       "repair the image with qemu-img check -r all", s->path, i, v);
+		w->reftable[i] = v;
+	}
+	w->rbs = xcalloc(w->rt_entries, sizeof(*w->rbs));
+
+	/* alloc_end: past the file and past the last cluster with a refcount,
+	 * found in the last refcount block only (opening stays cheap) */
+	w->alloc_end = align_up(fsize, s->cluster_size) >> s->cluster_bits;
+	for (uint64_t i = w->rt_entries; i-- > 0;) {
+		struct qcow2_rblock *rb;
+
+		if (!w->reftable[i])
+			continue;
+		r = load_rb(s, i, &rb);
+		if (r < 0)
+			return err_set(e, r, "%s: cannot read a refcount block: %s", s->path, strerror(-r));
+		for (uint64_t j = w->rb_entries; j-- > 0;)
+			if (qcow2_rc_entry_get(rb->data, w->rc_order, j)) {
+				w->alloc_end = MAX(w->alloc_end, i * w->rb_entries + j + 1);
+				break;
+			}
+		break;
+	}
+	w->free_hint = 1;
+	return 0;
+}
+
+void qcow2_rc_free(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+
+	for (uint64_t i = 0; w->rbs && i < w->rt_entries; i++)
+		free(w->rbs[i]);
+	free(w->rbs);
+	free(w->reftable);
+	free(w->pfree);
+}
+
+int qcow2_rc_get(struct qcow2 *s, uint64_t cluster, uint64_t *rc)
+{
+	struct qcow2_writer *w = s->w;
+	struct qcow2_rblock *rb;
+	int r = load_rb(s, cluster / w->rb_entries, &rb);
+
+	*rc = 0;
+	if (r < 0)
+		return r;
+	if (rb)
+		*rc = qcow2_rc_entry_get(rb->data, w->rc_order, cluster % w->rb_entries);
+	return 0;
+}
+
+static bool covered(const struct qcow2_writer *w, uint64_t idx)
+{
+	return idx < w->rt_entries && w->reftable[idx];
+}
+
+static int grow_reftable(struct qcow2 *s, uint64_t need);
+static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out);
+
+/*
+ * A new refcount block for range idx; the clusters [avoid_lo, avoid_hi)
+ * are being allocated and must not hold it.  Placed inside its own range
+ * (all free: no block means no refcounts) and counting itself there.
+ */
+static int new_refblock(struct qcow2 *s, uint64_t idx, uint64_t avoid_lo, uint64_t avoid_hi)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t base, c, lo;
+	struct qcow2_rblock *rb;
+	int r;
+
+	if (idx >= w->rt_entries) {
+		r = grow_reftable(s, idx + 1);
+		if (r < 0)
+			return r;
+		if (covered(w, idx))
+			return 0; /* the growth area covered it */
+	}
+	base = idx * w->rb_entries;
+	/* repairing: stored refcounts cannot be trusted below alloc_end */
+	lo = w->repairing ? MAX(base, w->alloc_end) : base;
+	if (lo == 0)
+		lo = 1; /* never the header */
+	for (c = lo; c < base + w->rb_entries; c++)
+		if ((c < avoid_lo || c >= avoid_hi) && !qcow2_mset_get(&w->meta, c))
+			break;
+	if (c >= base + w->rb_entries) {
+		/* no room in its own range (a repair of a range in use): the
+		 * block goes to a free cluster elsewhere, counted there */
+		uint64_t c2;
+
+		r = find_free(s, 1, &c2);
+		if (r < 0)
+			return r;
+		w->alloc_end = MAX(w->alloc_end, c2 + 1);
+		rb = xcalloc(1, sizeof(*rb) + s->cluster_size);
+		rb->off = c2 << s->cluster_bits;
+		rb->dirty = true;
+		w->rbs[idx] = rb;
+		w->rbs_loaded++;
+		w->reftable[idx] = rb->off;
+		w->rt_dirty = true;
+		qcow2_mset_put(&w->meta, c2, QM_REFBLOCK);
+		return qcow2_rc_add(s, c2, +1);
+	}
+	if ((c << s->cluster_bits) > QCOW2_MAX_HOST_CLUSTER_OFFSET)
+		return -EFBIG;
+	rb = xcalloc(1, sizeof(*rb) + s->cluster_size);
+	rb->off = c << s->cluster_bits;
+	rb->dirty = true;
+	qcow2_rc_entry_set(rb->data, w->rc_order, c - base, 1);
+	w->rbs[idx] = rb;
+	w->rbs_loaded++;
+	w->reftable[idx] = rb->off;
+	w->rt_dirty = true;
+	w->alloc_end = MAX(w->alloc_end, c + 1);
+	qcow2_mset_put(&w->meta, c, QM_REFBLOCK);
+	return 0;
+}
+
+/*
+ * Grow the refcount table to at least need entries (+50 %): the new table
+ * and the blocks for the ranges it and they occupy go past alloc_end.
+ */
+static int grow_reftable(struct qcow2 *s, uint64_t need)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t per = s->cluster_size / 8, N = w->rb_entries;
+	uint64_t A = w->alloc_end, E, T, R, first, last, k, old_entries = w->rt_entries;
+	uint64_t *table;
+	struct qcow2_rblock **rbs;
+	int r;
+
+	E = align_up(MAX(need, old_entries + old_entries / 2 + 1), per);
+	for (;;) {
+		T = E / per;
+		R = 0;
+		for (;;) { /* blocks for [A, A+R+T): R grows until it settles */
+			uint64_t cnt = 0;
+
+			first = A / N;
+			last = (A + R + T - 1) / N;
+			for (uint64_t i = first; i <= last; i++)
+				cnt += !covered(w, i);
+			if (cnt == R)
+				break;
+			R = cnt;
+		}
+		if (last < E)
+			break;
+		E = align_up(last + 1 + (last + 1) / 2, per);
+	}
+	if (E * 8 > QCOW2_MAX_REFTABLE_BYTES)
+		return -EFBIG;
+	if (((A + R + T) << s->cluster_bits) > QCOW2_MAX_HOST_CLUSTER_OFFSET)
+		return -EFBIG;
+
+	table = xcalloc(E, 8);
+	memcpy(table, w->reftable, old_entries * 8);
+	rbs = xcalloc(E, sizeof(*rbs));
+	memcpy(rbs, w->rbs, old_entries * sizeof(*rbs));
+	k = A;
+	for (uint64_t i = first; i <= last; i++) {
+		struct qcow2_rblock *rb;
+
+		if (i < old_entries && w->reftable[i])
+			continue;
+		rb = xcalloc(1, sizeof(*rb) + s->cluster_size);
+		rb->off = k << s->cluster_bits;
+		rb->dirty = true;
+		rbs[i] = rb;
+		table[i] = rb->off;
+		w->rbs_loaded++;
+		qcow2_mset_put(&w->meta, k, QM_REFBLOCK);
+		k++;
+	}
+	free(w->reftable);
+	free(w->rbs);
+	w->reftable = table;
+	w->rbs = rbs;
+	w->rt_entries = E;
+
+	/* the old table is freed once the header names the new one */
+	for (uint64_t c = 0; c < w->rt_clusters; c++)
+		qcow2_mset_clear(&w->meta, (w->rt_offset >> s->cluster_bits) + c, QM_REFTABLE);
+	qcow2_free_later(s, w->rt_offset, w->rt_clusters);
+	w->rt_offset = (A + R) << s->cluster_bits;
+	w->rt_clusters = (uint32_t)T;
+	w->rt_dirty = w->rt_moved = true;
+	w->alloc_end = A + R + T;
+	for (uint64_t c = A + R; c < A + R + T; c++)
+		qcow2_mset_put(&w->meta, c, QM_REFTABLE);
+
+	/* every cluster of the area counts 1; its ranges all have blocks now */
+	for (uint64_t c = A; c < A + R + T; c++) {
+		r = qcow2_rc_add(s, c, +1);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+int qcow2_rc_add(struct qcow2 *s, uint64_t cluster, int delta)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t idx = cluster / w->rb_entries, v;
+	struct qcow2_rblock *rb;
+	int r;
+
+	if (!covered(w, idx)) {
+		if (delta < 0)
+			return qcow2_signal_corruption(s, "freeing cluster 0x%" PRIx64 " whose refcount is already 0",
+						       cluster << s->cluster_bits);
+		r = new_refblock(s, idx, cluster, cluster + 1);
+		if (r < 0)
+			return r;
+	}
+	r = load_rb(s, idx, &rb);
+	if (r < 0)
+		return r;
+	v = qcow2_rc_entry_get(rb->data, w->rc_order, cluster % w->rb_entries);
+	if (delta > 0 && v == w->rc_max)
+		return -ERANGE; /* refcount overflow: the caller fails the write */
+	if (delta < 0 && v == 0)
+		return qcow2_signal_corruption(s, "freeing cluster 0x%" PRIx64 " whose refcount is already 0",
+					       cluster << s->cluster_bits);
+	v = delta > 0 ? v + 1 : v - 1;
+	qcow2_rc_entry_set(rb->data, w->rc_order, cluster % w->rb_entries, v);
+	rb->dirty = true;
+	if (v == 0 && cluster < w->free_hint)
+		w->free_hint = cluster;
+	return 0;
+}
+
+int qcow2_rc_set(struct qcow2 *s, uint64_t cluster, uint64_t v)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t idx = cluster / w->rb_entries;
+	struct qcow2_rblock *rb;
+	int r;
+
+	if (v > w->rc_max)
+		return -ERANGE;
+	if (!covered(w, idx)) {
+		if (!v)
+			return 0;
+		r = new_refblock(s, idx, cluster, cluster + 1);
+		if (r < 0)
+			return r;
+	}
+	r = load_rb(s, idx, &rb);
+	if (r < 0)
+		return r;
+	if (qcow2_rc_entry_get(rb->data, w->rc_order, cluster % w->rb_entries) != v) {
+		qcow2_rc_entry_set(rb->data, w->rc_order, cluster % w->rb_entries, v);
+		rb->dirty = true;
+	}
+	if (v == 0 && cluster < w->free_hint)
+		w->free_hint = cluster;
+	return 0;
+}
+
+/* The first run of n free clusters from the hint (never cluster 0, never a
+ * cluster the metadata set knows: a refcount of 0 there is damage). */
+static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t c = MAX(w->free_hint, 1), run = 0;
+	int r;
+
+	if (w->repairing)
+		c = MAX(c, w->alloc_end);
+	for (;;) {
+		uint64_t rc = 0;
+
+		if (run == n) {
+			*out = c - n;
+			return 0;
+		}
+		if (((c + n) << s->cluster_bits) > QCOW2_MAX_HOST_CLUSTER_OFFSET)
+			return -ENOSPC;
+		if (c >= w->alloc_end) { /* everything from here on is free */
+			*out = c - run;
+			return 0;
+		}
+		if (covered(w, c / w->rb_entries)) {
+			r = qcow2_rc_get(s, c, &rc);
+			if (r < 0)
+				return r;
+		}
+		if (rc == 0 && !qcow2_mset_get(&w->meta, c))
+			run++;
+		else
+			run = 0;
+		c++;
+	}
+}
+
+int qcow2_alloc_clusters(struct qcow2 *s, uint64_t n, uint64_t *off)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t c;
+	int r;
+
+	if (n == 0 || n > w->rb_entries / 2)
+		return -EINVAL;
+	r = find_free(s, n, &c);
+	if (r < 0)
+		return r;
+	/* claim the run before blocks or a grown table are placed */
+	w->alloc_end = MAX(w->alloc_end, c + n);
+	for (uint64_t i = c; i < c + n; i++)
+		if (!covered(w, i / w->rb_entries)) {
+			r = new_refblock(s, i / w->rb_entries, c, c + n);
+			if (r < 0)
+				return r;
+		}
+	for (uint64_t i = c; i < c + n; i++) {
+		r = qcow2_rc_add(s, i, +1);
+		if (r < 0)
+			return r;
+	}
+	if (n == 1 && c == MAX(w->free_hint, 1))
+		w->free_hint = c + 1;
+	*off = c << s->cluster_bits;
+	return 0;
+}
+
+void qcow2_free_later(struct qcow2 *s, uint64_t off, uint64_t n)
+{
+	struct qcow2_writer *w = s->w;
+
+	for (uint64_t i = 0; i < n; i++) {
+		if (w->npfree == w->pfree_cap) {
+			w->pfree_cap = w->pfree_cap ? w->pfree_cap * 2 : 64;
+			w->pfree = realloc(w->pfree, w->pfree_cap * sizeof(*w->pfree));
+			if (!w->pfree)
+				abort();
+		}
+		w->pfree[w->npfree++] = (off >> s->cluster_bits) + i;
+	}
+	w->updates++;
+}
+
+void qcow2_free_compressed_later(struct qcow2 *s, uint64_t entry)
+{
+	uint64_t coff, csize, first, last;
+
+	qcow2_compressed_decode(s->cluster_bits, entry, &coff, &csize);
+	/* every host cluster the compressed bytes touch holds one reference */
+	first = coff >> s->cluster_bits;
+	last = (coff + csize - 1) >> s->cluster_bits;
+	qcow2_free_later(s, first << s->cluster_bits, last - first + 1);
+	s->w->zcache_stale = true;
+}
+
+int qcow2_rc_write(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	uint8_t *buf;
+	uint64_t bytes;
+	int r;
+
+	for (uint64_t i = 0; i < w->rt_entries; i++) {
+		struct qcow2_rblock *rb = w->rbs[i];
+
+		if (!rb || !rb->dirty)
+			continue;
+		r = qcow2_overlap_check(s, rb->off, s->cluster_size, QM_REFBLOCK);
+		if (r < 0)
+			return r;
+		r = bdev_pwrite(s->file, rb->data, s->cluster_size, rb->off, 0);
+		if (r < 0)
+			return r;
+		rb->dirty = false;
+	}
+	if (!w->rt_dirty)
+		return 0;
+	/* the blocks are durable before the table names them */
+	r = bdev_flush(s->file);
+	if (r < 0)
+		return r;
+	bytes = (uint64_t)w->rt_clusters << s->cluster_bits;
+	r = qcow2_overlap_check(s, w->rt_offset, bytes, QM_REFTABLE);
+	if (r < 0)
+		return r;
+	buf = xcalloc(1, bytes);
+	for (uint64_t i = 0; i < w->rt_entries; i++)
+		put_be64(buf + i * 8, w->reftable[i]);
+	r = bdev_pwrite(s->file, buf, bytes, w->rt_offset, BDEV_FUA);
+	free(buf);
+	if (r < 0)
+		return r;
+	if (w->rt_moved) {
+		uint8_t h[12];
+
+		put_be64(h, w->rt_offset);
+		put_be32(h + 8, w->rt_clusters);
+		r = qcow2_header_write(s, 48, h, sizeof(h));
+		if (r < 0)
+			return r;
+		s->refcount_table_offset = w->rt_offset;
+		s->refcount_table_clusters = w->rt_clusters;
+		w->rt_moved = false;
+	}
+	w->rt_dirty = false;
+	return 0;
+}
+
+int qcow2_rc_apply_frees(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	int r = 0;
+
+	for (size_t i = 0; i < w->npfree; i++) {
+		uint64_t c = w->pfree[i], rc;
+
+		r = qcow2_rc_add(s, c, -1);
+		if (r < 0)
+			break;
+		r = qcow2_rc_get(s, c, &rc);
+		if (r < 0)
+			break;
+		/* release the file space (advisory) */
+		if (rc == 0 && !s->data_file)
+			bdev_discard(s->file, c << s->cluster_bits, s->cluster_size);
+	}
+	w->npfree = 0;
+	if (w->zcache_stale) {
+		qcow2_zcache_clear(s->zcache);
+		w->zcache_stale = false;
+	}
+	return r;
+}
+
+void qcow2_rc_trim(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+
+	if (w->rbs_loaded * s->cluster_size <= RB_CACHE_BYTES)
+		return;
+	for (uint64_t i = 0; i < w->rt_entries; i++)
+		if (w->rbs[i] && !w->rbs[i]->dirty) {
+			free(w->rbs[i]);
+			w->rbs[i] = NULL;
+			w->rbs_loaded--;
+		}
+}

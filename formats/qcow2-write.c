@@ -1,0 +1,761 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The qcow2 write path: guest writes with copy-on-write, L2 table
+ * allocation and copying, zero writes and discard, flush, and the header
+ * bits a writer owns (dirty, autoclear).  The ordering rules are in
+ * qcow2-write.h; the refcounts in qcow2-refcount.c.
+ *
+ * A cluster is written in place only when its refcount is 1 (checked, not
+ * taken from the COPIED flag: a crafted image could use COPIED to make a
+ * write land in data a snapshot shares).  Anything else — unallocated,
+ * zero, compressed, shared — gets a new cluster, filled from the normal
+ * read path at the guest offset (old data, backing file, zeroes or the
+ * decompressed cluster) and merged with the new bytes; with extended L2
+ * only the touched subclusters are filled and marked allocated.
+ */
+#include "qcow2-write.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+
+/* metadata changes (dirty L2 slices, frees) before a flush of our own */
+#define AUTO_FLUSH_UPDATES 4096
+
+/* ---- header ---------------------------------------------------------------- */
+
+int qcow2_header_write(struct qcow2 *s, uint64_t off, const void *buf, size_t len)
+{
+	/* header fields are updated in place and synced (notes §2, item 8) */
+	return bdev_pwrite(s->file, buf, len, off, BDEV_FUA);
+}
+
+/*
+ * Before the first change: v3 images get the dirty bit (so a crash is
+ * noticed and repaired on the next writable open), and every autoclear bit
+ * is cleared — unknown ones by the spec's rule, bitmaps because we do not
+ * update them, data-file-raw because zero flags do not zero the data file.
+ */
+static int ensure_header(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	uint8_t buf[24];
+	int r;
+
+	if (w->header_done)
+		return 0;
+	if (atomic_load(&w->corrupt))
+		return -EIO;
+	if (s->version >= 3) {
+		uint64_t incompat = s->incompat | QCOW2_INCOMPAT_DIRTY;
+
+		put_be64(buf, incompat);
+		put_be64(buf + 8, s->compat);
+		put_be64(buf + 16, 0);
+		r = qcow2_header_write(s, 72, buf, sizeof(buf));
+		if (r < 0)
+			return r;
+		s->incompat = incompat;
+		s->autoclear = 0;
+		w->set_dirty = true;
+	}
+	w->header_done = true;
+	return 0;
+}
+
+/* ---- in-flight guest ranges ---------------------------------------------- */
+
+static void range_lock(struct qcow2_writer *w, struct qcow2_inflight *me,
+		       uint64_t first, uint64_t last)
+{
+	me->first = first;
+	me->last = last;
+	pthread_mutex_lock(&w->lock);
+	for (;;) {
+		struct qcow2_inflight *o;
+
+		for (o = w->inflight; o; o = o->next)
+			if (o->first <= last && first <= o->last)
+				break;
+		if (!o)
+			break;
+		pthread_cond_wait(&w->cond, &w->lock);
+	}
+	me->next = w->inflight;
+	w->inflight = me;
+	pthread_mutex_unlock(&w->lock);
+}
+
+static void range_unlock(struct qcow2_writer *w, struct qcow2_inflight *me)
+{
+	struct qcow2_inflight **pp;
+
+	pthread_mutex_lock(&w->lock);
+	for (pp = &w->inflight; *pp != me; pp = &(*pp)->next)
+		;
+	*pp = me->next;
+	pthread_cond_broadcast(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+}
+
+/* ---- L1 / L2 -------------------------------------------------------------- */
+
+static void l1_set(struct qcow2 *s, uint64_t i, uint64_t v)
+{
+	struct qcow2_writer *w = s->w;
+
+	/* readers load L1 entries without a lock: one aligned store */
+	__atomic_store_n(&s->l1.table[i], v, __ATOMIC_RELEASE);
+	w->l1_dirty[(i * 8) >> s->cluster_bits] = 1;
+	w->any_l1_dirty = true;
+	w->updates++;
+}
+
+/*
+ * A new L2 table for L1 index i: empty, or a copy of the shared table at
+ * old (which a snapshot keeps; its refcount drops once L1 is durable).  The
+ * data refcounts do not change: each L1 path already counts them.
+ */
+static int new_l2(struct qcow2 *s, uint64_t i, uint64_t old, uint64_t *out)
+{
+	struct qcow2_writer *w = s->w;
+	uint32_t ss = s->slice_size;
+	uint8_t *buf = xcalloc(1, s->cluster_size);
+	uint64_t n;
+	int r;
+
+	r = qcow2_alloc_clusters(s, 1, &n);
+	if (r < 0)
+		goto out;
+	/* the cluster exists in the file at once (reads check the file size);
+	 * zeroes in an unreferenced cluster need no ordering */
+	r = qcow2_overlap_check(s, n, s->cluster_size, 0);
+	if (r == 0)
+		r = bdev_pwrite(s->file, buf, s->cluster_size, n, 0);
+	for (uint64_t k = 0; r == 0 && k < s->cluster_size / ss; k++) {
+		if (old)
+			r = qcow2_cache_read(s->l2_cache, old + k * ss, 0, buf, ss);
+		if (r == 0)
+			r = qcow2_cache_write(s->l2_cache, n + k * ss, 0, buf, ss);
+		w->updates++;
+	}
+	if (r < 0) {
+		qcow2_free_later(s, n, 1);
+		goto out;
+	}
+	qcow2_mset_put(&w->meta, n >> s->cluster_bits, QM_L2);
+	if (old) {
+		qcow2_mset_clear(&w->meta, old >> s->cluster_bits, QM_L2);
+		qcow2_free_later(s, old, 1);
+	}
+	l1_set(s, i, n | QCOW2_OFLAG_COPIED);
+	*out = n;
+out:
+	free(buf);
+	return r;
+}
+
+struct l2ref {
+	uint64_t slice_off;
+	uint32_t in_off;
+	bool has_table;
+};
+
+/*
+ * Where the L2 entry of guest cluster cl lives.  for_write: the table is
+ * made to exist and to be ours alone (refcount 1) first.  Lock held.
+ */
+static int l2_locate(struct qcow2 *s, uint64_t cl, bool for_write, struct l2ref *ref)
+{
+	uint64_t i = cl >> s->l2_bits, j = cl & ((1ull << s->l2_bits) - 1);
+	uint32_t per = s->slice_size / s->l2_entry_size;
+	uint64_t e, l2, rc;
+	int r;
+
+	memset(ref, 0, sizeof(*ref));
+	if (i >= s->l1.size)
+		return -EIO;
+	e = s->l1.table[i];
+	l2 = e & QCOW2_OFFSET_MASK;
+	if ((e & QCOW2_L1E_RESERVED) ||
+	    (l2 && (!is_aligned(l2, s->cluster_size) ||
+		    range_exceeds(l2, s->cluster_size, qcow2_file_size(s->file)))))
+		return qcow2_damage(s, s->l1.offset + i * 8, "active L1 entry %" PRIu64 " is invalid (0x%016" PRIx64 ")",
+				    i, e);
+	if (!l2) {
+		if (!for_write)
+			return 0;
+		r = new_l2(s, i, 0, &l2);
+		if (r < 0)
+			return r;
+	} else if (for_write) {
+		r = qcow2_rc_get(s, l2 >> s->cluster_bits, &rc);
+		if (r < 0)
+			return r;
+		if (rc == 0)
+			return qcow2_signal_corruption(s, "L2 table at 0x%" PRIx64 " has refcount 0", l2);
+		if (rc != 1) {
+			r = new_l2(s, i, l2, &l2);
+			if (r < 0)
+				return r;
+		} else if (!(e & QCOW2_OFLAG_COPIED)) {
+			l1_set(s, i, e | QCOW2_OFLAG_COPIED);
+		}
+	}
+	ref->has_table = true;
+	ref->slice_off = l2 + (j / per) * s->slice_size;
+	ref->in_off = (uint32_t)((j % per) * s->l2_entry_size);
+	return 0;
+}
+
+static int l2_get(struct qcow2 *s, const struct l2ref *ref, uint64_t *ent, uint64_t *bm)
+{
+	uint8_t b[16];
+	int r;
+
+	*ent = *bm = 0;
+	if (!ref->has_table)
+		return 0;
+	r = qcow2_cache_read(s->l2_cache, ref->slice_off, ref->in_off, b, s->l2_entry_size);
+	if (r < 0)
+		return r;
+	*ent = be64(b);
+	if (s->extended_l2)
+		*bm = be64(b + 8);
+	return 0;
+}
+
+static int l2_set(struct qcow2 *s, const struct l2ref *ref, uint64_t ent, uint64_t bm)
+{
+	uint8_t b[16];
+
+	put_be64(b, ent);
+	put_be64(b + 8, bm);
+	s->w->updates++;
+	/* one copy under the cache lock: readers see old or new, whole */
+	return qcow2_cache_write(s->l2_cache, ref->slice_off, ref->in_off, b, s->l2_entry_size);
+}
+
+/* ---- data ------------------------------------------------------------------ */
+
+static int data_write(struct qcow2 *s, uint64_t host, const void *buf, size_t len)
+{
+	int r;
+
+	if (!s->data_file) {
+		r = qcow2_overlap_check(s, host, len, 0);
+		if (r < 0)
+			return r;
+	}
+	return bdev_pwrite(s->data, buf, len, host, 0);
+}
+
+static uint32_t sc_mask(unsigned first, unsigned last)
+{
+	return (uint32_t)((last == 31 ? 0xffffffffu : (1u << (last + 1)) - 1) & ~((1u << first) - 1));
+}
+
+/* What the old entry of a cluster is, for a writer.  Lock held. */
+struct old {
+	uint64_t ent, bm;
+	uint64_t host;      /* host cluster (data file: the guest offset) */
+	bool compressed, has_host, inplace;
+};
+
+static int classify(struct qcow2 *s, uint64_t cl, uint64_t ent, uint64_t bm, struct old *o)
+{
+	uint64_t guest = cl << s->cluster_bits, h, rc;
+	const char *why;
+	int r;
+
+	memset(o, 0, sizeof(*o));
+	o->ent = ent;
+	o->bm = bm;
+	if (qcow2_l2_decode(s, ent, bm, 0, &h, &why) == QC_INVALID)
+		return qcow2_damage(s, guest, "guest offset 0x%" PRIx64 ": L2 entry 0x%016" PRIx64 ": %s",
+				    guest, ent, why);
+	if (ent & QCOW2_OFLAG_COMPRESSED) {
+		o->compressed = true;
+		return 0;
+	}
+	o->host = ent & QCOW2_OFFSET_MASK;
+	o->has_host = o->host || (s->data_file && (ent & QCOW2_OFLAG_COPIED));
+	if (s->data_file) {
+		if (o->has_host && o->host != guest)
+			return qcow2_damage(s, guest, "guest offset 0x%" PRIx64 ": data file offset 0x%" PRIx64 " differs",
+					    guest, o->host);
+		/* host == guest always: writing there is always in place */
+		o->host = guest;
+		o->inplace = true;
+		return 0;
+	}
+	if (!o->has_host)
+		return 0;
+	r = qcow2_rc_get(s, o->host >> s->cluster_bits, &rc);
+	if (r < 0)
+		return r;
+	if (rc == 0)
+		return qcow2_signal_corruption(s, "guest offset 0x%" PRIx64 " maps to host cluster 0x%" PRIx64
+					       " whose refcount is 0", guest, o->host);
+	o->inplace = rc == 1;
+	return 0;
+}
+
+/* Drop the old cluster's references after its L2 entry changed.  Lock held. */
+static void release_old(struct qcow2 *s, const struct old *o)
+{
+	if (o->compressed)
+		qcow2_free_compressed_later(s, o->ent);
+	else if (o->has_host && !s->data_file)
+		qcow2_free_later(s, o->host, 1);
+}
+
+/*
+ * Write [a, b) of guest cluster cl (src NULL: zeroes).  The caller holds the
+ * in-flight range of cl.
+ */
+static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_t a, uint32_t b)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t cs = s->cluster_size, guest = cl << s->cluster_bits;
+	uint64_t scs = 1ull << s->subcluster_bits;
+	uint64_t ent, bm, newhost = 0, new_bm = 0;
+	uint32_t lo, hi, alloc, zero, touched = 0;
+	bool plain;
+	struct l2ref ref;
+	struct old o;
+	uint8_t *buf = NULL;
+	int r;
+
+	pthread_mutex_lock(&w->lock);
+	r = ensure_header(s);
+	if (r == 0)
+		r = l2_locate(s, cl, true, &ref);
+	if (r == 0)
+		r = l2_get(s, &ref, &ent, &bm);
+	if (r == 0)
+		r = classify(s, cl, ent, bm, &o);
+	if (r < 0)
+		goto unlock;
+
+	/* the bytes [lo, hi) of the cluster that the new host cluster gets */
+	alloc = (uint32_t)bm;
+	zero = (uint32_t)(bm >> 32);
+	if (!s->extended_l2) {
+		plain = o.inplace && o.has_host && !(ent & QCOW2_OFLAG_ZERO);
+		lo = 0;
+		hi = (uint32_t)cs;
+	} else {
+		unsigned sa = a >> s->subcluster_bits, sb = (b - 1) >> s->subcluster_bits;
+		uint32_t span;
+
+		touched = sc_mask(sa, sb);
+		plain = o.inplace && o.has_host && (touched & ~alloc) == 0;
+		if (o.compressed) {
+			span = 0xffffffffu;
+			new_bm = 0xffffffffu;
+		} else {
+			/* a shared cluster keeps its allocated subclusters */
+			span = touched | (o.has_host && !o.inplace ? alloc : 0);
+			new_bm = (alloc | touched) | (uint64_t)(zero & ~touched) << 32;
+			if (!o.has_host)
+				new_bm = touched | (uint64_t)(zero & ~touched) << 32;
+		}
+		lo = (uint32_t)(__builtin_ctz(span) * scs);
+		hi = (uint32_t)((32 - __builtin_clz(span)) * scs);
+	}
+
+	if (plain) {
+		/* in place, refcount 1: only the bytes change */
+		pthread_mutex_unlock(&w->lock);
+		if (src) {
+			r = data_write(s, o.host + a, src, b - a);
+		} else {
+			buf = xcalloc(1, b - a);
+			r = data_write(s, o.host + a, buf, b - a);
+		}
+		if (r < 0 || (ent & QCOW2_OFLAG_COPIED))
+			goto out;
+		pthread_mutex_lock(&w->lock);
+		r = l2_locate(s, cl, true, &ref);
+		if (r == 0)
+			r = l2_set(s, &ref, ent | QCOW2_OFLAG_COPIED, bm);
+		goto unlock;
+	}
+
+	if (o.inplace)
+		newhost = o.has_host ? o.host : guest; /* data file: host == guest */
+	else
+		r = qcow2_alloc_clusters(s, 1, &newhost);
+	pthread_mutex_unlock(&w->lock);
+	if (r < 0)
+		goto out;
+
+	buf = xmalloc(cs);
+	/* copy-on-write: what the guest sees now, through the read path */
+	if (a > lo || b < hi)
+		r = qcow2_read(s, &s->l1, buf + lo, hi - lo, guest + lo);
+	if (r == 0) {
+		if (src)
+			memcpy(buf + a, src, b - a);
+		else
+			memset(buf + a, 0, b - a);
+		r = data_write(s, newhost + lo, buf + lo, hi - lo);
+	}
+
+	pthread_mutex_lock(&w->lock);
+	if (r < 0) {
+		if (!o.inplace)
+			qcow2_free_later(s, newhost, 1);
+		goto unlock;
+	}
+	r = l2_locate(s, cl, true, &ref);
+	if (r == 0) {
+		uint64_t e = (s->data_file ? guest : newhost) | QCOW2_OFLAG_COPIED;
+
+		r = l2_set(s, &ref, e, s->extended_l2 ? new_bm : 0);
+	}
+	if (r == 0 && !o.inplace)
+		release_old(s, &o);
+unlock:
+	pthread_mutex_unlock(&w->lock);
+out:
+	free(buf);
+	return r;
+}
+
+/*
+ * Make [a, b) of guest cluster cl read as zeroes by its L2 entry alone;
+ * a and b are subcluster-aligned (cluster-aligned without extended L2).
+ * -ENOTSUP when that cannot be done (part of a compressed cluster).
+ */
+static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool unmap)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t guest = cl << s->cluster_bits, ent, bm, new_ent, new_bm = 0, rc = 1;
+	bool unalloc_is_zero = !s->backing || guest >= s->backing->size;
+	struct l2ref ref;
+	struct old o;
+	int r;
+
+	pthread_mutex_lock(&w->lock);
+	r = ensure_header(s);
+	if (r == 0)
+		r = l2_locate(s, cl, false, &ref);
+	if (r < 0 || (!ref.has_table && unalloc_is_zero))
+		goto unlock;
+	r = l2_locate(s, cl, true, &ref);
+	if (r == 0)
+		r = l2_get(s, &ref, &ent, &bm);
+	if (r == 0)
+		r = classify(s, cl, ent, bm, &o);
+	if (r < 0)
+		goto unlock;
+	if (o.has_host && !s->data_file)
+		rc = o.inplace ? 1 : 2;
+
+	if (!s->extended_l2) {
+		if (s->version < 3) {
+			/* no zero flag: unallocated reads zeroes (no backing here) */
+			new_ent = 0;
+		} else if (o.compressed || !o.has_host) {
+			new_ent = QCOW2_OFLAG_ZERO;
+		} else if (s->data_file || (rc == 1 && !unmap)) {
+			new_ent = ent | QCOW2_OFLAG_ZERO; /* keeps its cluster */
+		} else {
+			new_ent = QCOW2_OFLAG_ZERO;
+		}
+		if (new_ent == ent)
+			goto unlock;
+		r = l2_set(s, &ref, new_ent, 0);
+		if (r == 0 && !(new_ent & QCOW2_OFFSET_MASK) && !(new_ent & QCOW2_OFLAG_COPIED))
+			release_old(s, &o);
+		goto unlock;
+	}
+
+	{
+		uint32_t z = sc_mask(a >> s->subcluster_bits, (b - 1) >> s->subcluster_bits);
+		uint32_t alloc = (uint32_t)bm, zero = (uint32_t)(bm >> 32);
+
+		if (o.compressed) {
+			if (z != 0xffffffffu) {
+				r = -ENOTSUP;
+				goto unlock;
+			}
+			r = l2_set(s, &ref, 0, (uint64_t)0xffffffffu << 32);
+			if (r == 0)
+				release_old(s, &o);
+			goto unlock;
+		}
+		alloc &= ~z;
+		zero |= z;
+		new_bm = alloc | (uint64_t)zero << 32;
+		new_ent = ent;
+		if (o.has_host && !s->data_file && !alloc && (unmap || rc != 1))
+			new_ent = 0; /* nothing left in the host cluster */
+		if (new_ent == ent && new_bm == bm)
+			goto unlock;
+		r = l2_set(s, &ref, new_ent, new_bm);
+		if (r == 0 && new_ent == 0 && o.has_host)
+			release_old(s, &o);
+	}
+unlock:
+	pthread_mutex_unlock(&w->lock);
+	return r;
+}
+
+/* ---- flush ------------------------------------------------------------------ */
+
+static int write_l1(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t per = s->cluster_size / 8;
+	uint64_t nclusters = ((uint64_t)s->l1.size * 8 + s->cluster_size - 1) >> s->cluster_bits;
+	uint8_t *buf = xmalloc(s->cluster_size);
+	int r = 0;
+
+	for (uint64_t k = 0; k < nclusters && r == 0; k++) {
+		uint64_t first = k * per, n = MIN(per, s->l1.size - first);
+
+		if (!w->l1_dirty[k])
+			continue;
+		for (uint64_t i = 0; i < n; i++)
+			put_be64(buf + i * 8, s->l1.table[first + i]);
+		r = qcow2_overlap_check(s, s->l1.offset + first * 8, n * 8, QM_L1);
+		if (r == 0)
+			r = bdev_pwrite(s->file, buf, n * 8, s->l1.offset + first * 8, 0);
+		if (r == 0)
+			w->l1_dirty[k] = 0;
+	}
+	free(buf);
+	if (r == 0)
+		w->any_l1_dirty = false;
+	return r;
+}
+
+int qcow2_meta_flush(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	bool meta = w->updates || w->rt_dirty || w->npfree;
+	int r;
+
+	if (atomic_load(&w->corrupt))
+		return -EIO;
+	/* 1-2: refcount increments (and new blocks, a moved table) */
+	r = qcow2_rc_write(s);
+	/* 3: increments and guest data durable before what points at them */
+	if (r == 0 && s->data_file)
+		r = bdev_flush(s->data_file);
+	if (r == 0)
+		r = bdev_flush(s->file);
+	if (r < 0 || !meta)
+		return r;
+	/* 4-6: L2, then L1 */
+	r = qcow2_cache_flush(s->l2_cache);
+	if (r == 0 && w->any_l1_dirty) {
+		r = bdev_flush(s->file);
+		if (r == 0)
+			r = write_l1(s);
+	}
+	if (r == 0)
+		r = bdev_flush(s->file);
+	/* 7: frees, now that no durable entry names them */
+	if (r == 0 && w->npfree) {
+		r = qcow2_rc_apply_frees(s);
+		if (r == 0)
+			r = qcow2_rc_write(s);
+		if (r == 0)
+			r = bdev_flush(s->file);
+	}
+	if (r == 0)
+		w->updates = 0;
+	qcow2_rc_trim(s);
+	return r;
+}
+
+static void maybe_flush(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+
+	pthread_mutex_lock(&w->lock);
+	if (w->updates > AUTO_FLUSH_UPDATES) {
+		int r = qcow2_meta_flush(s);
+
+		if (r < 0)
+			log_warn("%s: writing metadata failed: %s", s->path, strerror(-r));
+	}
+	pthread_mutex_unlock(&w->lock);
+}
+
+int qcow2_dev_flush(struct bdev *d)
+{
+	struct qcow2 *s = d->priv;
+	int r;
+
+	if (!s->w)
+		return 0;
+	pthread_mutex_lock(&s->w->lock);
+	r = qcow2_meta_flush(s);
+	pthread_mutex_unlock(&s->w->lock);
+	return r;
+}
+
+/* ---- the device ops ----------------------------------------------------------- */
+
+int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
+		     unsigned flags)
+{
+	struct qcow2 *s = d->priv;
+	struct qcow2_writer *w = s->w;
+	struct qcow2_inflight me;
+	const uint8_t *p = buf;
+	uint64_t end = off + len;
+	int r = 0;
+
+	if (!w || atomic_load(&w->corrupt))
+		return -EIO;
+	range_lock(w, &me, off >> s->cluster_bits, (end - 1) >> s->cluster_bits);
+	for (uint64_t pos = off; pos < end && r == 0;) {
+		uint64_t cl = pos >> s->cluster_bits;
+		uint32_t a = (uint32_t)(pos & (s->cluster_size - 1));
+		uint32_t b = (uint32_t)MIN(s->cluster_size, end - (cl << s->cluster_bits));
+
+		r = write_piece(s, cl, p + (pos - off), a, b);
+		pos += b - a;
+	}
+	range_unlock(w, &me);
+	maybe_flush(s);
+	if (r == 0 && (flags & BDEV_FUA))
+		r = qcow2_dev_flush(d);
+	return r;
+}
+
+/* Zero [off, off+len): whole units by L2 entries, the rest as real zeroes. */
+static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t unit = 1ull << s->subcluster_bits, end = off + len, zend = end;
+	struct qcow2_inflight me;
+	int r = 0;
+
+	if (!w || atomic_load(&w->corrupt))
+		return -EIO;
+	/* the disk's last, partial cluster counts as whole (nothing past it) */
+	if (end == s->size)
+		zend = align_up(end, s->cluster_size);
+	range_lock(w, &me, off >> s->cluster_bits, (end - 1) >> s->cluster_bits);
+	for (uint64_t pos = off; pos < end && r == 0;) {
+		uint64_t cl = pos >> s->cluster_bits, cstart = cl << s->cluster_bits;
+		uint64_t cend = MIN(cstart + s->cluster_size, end);
+		uint64_t zz = MIN(cstart + s->cluster_size, zend);
+		uint64_t aa = align_up(pos, unit), bb = align_down(zz, unit);
+
+		if (!by_entries || aa >= bb) {
+			r = write_piece(s, cl, NULL, (uint32_t)(pos - cstart), (uint32_t)(cend - cstart));
+		} else {
+			if (pos < aa)
+				r = write_piece(s, cl, NULL, (uint32_t)(pos - cstart), (uint32_t)(aa - cstart));
+			if (r == 0) {
+				r = zero_piece(s, cl, (uint32_t)(aa - cstart), (uint32_t)(bb - cstart), unmap);
+				if (r == -ENOTSUP)
+					r = write_piece(s, cl, NULL, (uint32_t)(aa - cstart),
+							(uint32_t)(MIN(bb, cend) - cstart));
+			}
+			if (r == 0 && bb < cend)
+				r = write_piece(s, cl, NULL, (uint32_t)(bb - cstart), (uint32_t)(cend - cstart));
+		}
+		pos = cend;
+	}
+	range_unlock(w, &me);
+	maybe_flush(s);
+	return r;
+}
+
+int qcow2_dev_zero(struct bdev *d, uint64_t off, uint64_t len, unsigned flags)
+{
+	struct qcow2 *s = d->priv;
+	int r;
+
+	/* v2 has no zero flag: with a backing file, only real zeroes will do
+	 * (the bdev layer writes them) */
+	if (s->version < 3 && s->backing)
+		return -ENOTSUP;
+	r = zero_range(s, off, len, flags & BDEV_MAY_UNMAP, true);
+	if (r == 0 && (flags & BDEV_FUA))
+		r = qcow2_dev_flush(d);
+	return r;
+}
+
+/* Discard (PUNCH_HOLE, TRIM): clusters are freed, and the range always
+ * reads back as zeroes (zero flag: a backing file must not show through). */
+int qcow2_dev_discard(struct bdev *d, uint64_t off, uint64_t len)
+{
+	struct qcow2 *s = d->priv;
+
+	return zero_range(s, off, len, true, !(s->version < 3 && s->backing));
+}
+
+/* ---- open / close ---------------------------------------------------------- */
+
+int qcow2_writer_open(struct qcow2 *s, struct err *e)
+{
+	struct qcow2_writer *w = xcalloc(1, sizeof(*w));
+	uint64_t l1_clusters;
+	int r;
+
+	s->w = w;
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	atomic_init(&w->corrupt, false);
+	l1_clusters = ((uint64_t)s->l1.size * 8 + s->cluster_size - 1) >> s->cluster_bits;
+	w->l1_dirty = xcalloc(MAX(l1_clusters, 1), 1);
+	r = qcow2_rc_init(s, e);
+	if (r == 0)
+		r = qcow2_meta_build(s, e);
+	if (r == 0 && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
+		r = qcow2_repair_refcounts(s, e);
+		if (r == 0)
+			w->set_dirty = true; /* repaired: clean at close */
+	}
+	if (r < 0) {
+		/* nothing was changed: no flush, no header */
+		qcow2_rc_free(s);
+		qcow2_mset_free(&w->meta);
+		free(w->l1_dirty);
+		pthread_cond_destroy(&w->cond);
+		pthread_mutex_destroy(&w->lock);
+		free(w);
+		s->w = NULL;
+	}
+	return r;
+}
+
+void qcow2_writer_close(struct qcow2 *s)
+{
+	struct qcow2_writer *w = s->w;
+	int r;
+
+	if (!w)
+		return;
+	pthread_mutex_lock(&w->lock);
+	r = qcow2_meta_flush(s);
+	if (r == 0 && w->set_dirty && !atomic_load(&w->corrupt)) {
+		uint8_t buf[8];
+
+		put_be64(buf, s->incompat & ~QCOW2_INCOMPAT_DIRTY);
+		r = qcow2_header_write(s, 72, buf, 8);
+		if (r == 0)
+			s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
+	}
+	if (r < 0)
+		log_err("%s: closing the image failed: %s; it may need qemu-img check -r all",
+			s->path, strerror(-r));
+	pthread_mutex_unlock(&w->lock);
+	qcow2_rc_free(s);
+	qcow2_mset_free(&w->meta);
+	free(w->l1_dirty);
+	pthread_cond_destroy(&w->cond);
+	pthread_mutex_destroy(&w->lock);
+	free(w);
+	s->w = NULL;
+}
