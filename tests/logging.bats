@@ -74,6 +74,31 @@ stop_foreground() {
 	grep -q "$PWD/r.img: view disk: truncate at offset 1048576: .*(EPERM)" "$T/err"
 }
 
+@test "an I/O error from a damaged image is logged once, with the view and the offset" {
+	qemu-img create -q -f qcow2 d.qcow2 8M
+	qemu-io -c "write -P 0x11 0 128k" d.qcow2 >/dev/null
+	# the first L2 entry now points 1 GiB in: past the end of the file
+	python3 - <<-'PY'
+		import struct
+		with open("d.qcow2", "r+b") as f:
+		    l1_offset = struct.unpack(">Q", f.read(48)[40:48])[0]
+		    f.seek(l1_offset)
+		    l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+		    f.seek(l2_offset)
+		    f.write(struct.pack(">Q", 1 << 63 | 1 << 30))
+	PY
+	foreground -r d.qcow2 mnt
+	for _ in 1 2 3; do
+		run dd if=mnt/disk of=/dev/null bs=64k count=1 iflag=direct
+		[ "$status" -ne 0 ]
+	done
+	# the rest of the disk still reads
+	dd if=mnt/disk of=/dev/null bs=64k skip=2 count=1 iflag=direct
+	stop_foreground
+	cat "$T/err"
+	[ "$(grep -c "$PWD/d.qcow2: view disk: read of 65536 bytes at offset 0: .*(EIO)" "$T/err")" -eq 1 ]
+}
+
 @test "-v adds informational messages, and by default there are none" {
 	foreground --format=raw r.img mnt
 	stop_foreground
