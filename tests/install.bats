@@ -22,6 +22,7 @@ bmake() {
 
 # usage: dir VAR — the build's installation directory VAR, expanded
 dir() {
+	# shellcheck disable=SC2016 # $(VAR) is for make
 	printf 'print-dir:\n\t@echo $(%s)\n' "$1" |
 		env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -s -C "$IMGFS_BUILDDIR" -f Makefile -f - print-dir
 }
@@ -51,7 +52,8 @@ dir() {
 		[ "$(stat -c %a "$DEST$unitdir/$u")" = 644 ]
 	done
 	# nothing outside the prefix
-	[ -z "$(grep -v "^\./${prefix#/}/" "$T/files")" ]
+	run grep -v "^\./${prefix#/}/" "$T/files"
+	[ -z "$output" ]
 }
 
 @test "the installed units run the installed programs" {
