@@ -80,6 +80,7 @@ enum qcow2_sc_type {
 
 struct qcow2_cache;
 struct qcow2_zcache;
+struct qcow2_writer;
 
 /* An L1 table in memory, host byte order: the active one or a snapshot's. */
 struct qcow2_l1 {
@@ -152,6 +153,9 @@ struct qcow2 {
 	pthread_mutex_t damage_lock;
 	uint64_t damage_seen[32];  /* keys (file offsets of bad entries), ring */
 	unsigned damage_logged;
+
+	/* the write path (qcow2-write.h); NULL while read-only */
+	struct qcow2_writer *w;
 };
 
 /* qcow2.c */

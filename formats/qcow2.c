@@ -9,6 +9,7 @@
  * nothing else, so a 1 TiB image opens as fast as a small one.
  */
 #include "qcow2-int.h"
+#include "qcow2-write.h"
 #include "formats.h"
 
 #include <errno.h>
@@ -496,6 +497,7 @@ static void qcow2_free(struct qcow2 *s)
 {
 	if (!s)
 		return;
+	qcow2_writer_close(s); /* flush, then the dirty bit cleared */
 	qcow2_snapshots_free(s);
 	qcow2_cache_free(s->l2_cache);
 	qcow2_zcache_free(s->zcache);
@@ -535,9 +537,14 @@ static void qcow2_dev_close(struct bdev *d)
 	qcow2_free(d->priv);
 }
 
-/* Read-only for now: pwrite is NULL, so the bdev wrappers answer -EROFS. */
+/* Writes (qcow2-write.c) reach these only on a writable open: the bdev
+ * wrappers refuse them on a read-only device. */
 static const struct bdev_ops qcow2_ops = {
 	.pread = qcow2_dev_pread,
+	.pwrite = qcow2_dev_pwrite,
+	.zero = qcow2_dev_zero,
+	.discard = qcow2_dev_discard,
+	.flush = qcow2_dev_flush,
 	.block_status = qcow2_dev_status,
 	.close = qcow2_dev_close,
 };
@@ -584,12 +591,15 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 	s->l2_cache = qcow2_cache_new(s->file, s->slice_size, cache_bytes);
 	s->zcache = qcow2_zcache_new(s->cluster_size);
 
-	if (writable)
-		log_info("%s: qcow2 writing is not supported yet; opened read-only", path);
-	if (s->incompat & QCOW2_INCOMPAT_DIRTY)
+	if (writable) {
+		r = qcow2_writer_open(s, e);
+		if (r < 0)
+			goto fail;
+	}
+	if (!writable && (s->incompat & QCOW2_INCOMPAT_DIRTY))
 		log_debug("%s: image is dirty (lazy refcounts); fine for reading", path);
 
-	d = bdev_new(&qcow2_ops, "qcow2", s->size, true, s);
+	d = bdev_new(&qcow2_ops, "qcow2", s->size, !writable, s);
 	*out = d;
 	return 0;
 fail:

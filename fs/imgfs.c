@@ -550,7 +550,10 @@ int main(int argc, char **argv)
 	}
 
 	o.format = c.format;
-	o.read_only = c.read_only;
+	/* a snapshot view is never writable: open the image read-only, so
+	 * it takes only qemu's reader locks (as qemu-nbd -l does) */
+	o.read_only = c.read_only || c.snapshot ||
+		      (c.view && !strncmp(c.view, "snap@", 5));
 	o.no_backing = c.no_backing;
 	if (stat(c.image, &fs->image_st) < 0) {
 		fprintf(stderr, "imgfs: %s: %s\n", c.image, strerror(errno));

@@ -141,3 +141,27 @@ mount_line() {
 	[[ "$output" == *nope.qcow2* ]]
 	not_mounted mnt
 }
+
+@test "an fstab line with x-systemd.automount becomes mount units that mount as systemd runs them" {
+	gen=/usr/lib/systemd/system-generators/systemd-fstab-generator
+	[ -x "$gen" ] || gen=/lib/systemd/system-generators/systemd-fstab-generator
+	[ -x "$gen" ] || skip "no systemd-fstab-generator"
+	track_mount "$PWD/mnt" "$PWD/pid"
+	echo "$PWD/a.qcow2 $PWD/mnt fuse.imgfs ro,nofail,x-systemd.automount,pid_file=$PWD/pid 0 0" >fstab
+	mkdir units
+	SYSTEMD_FSTAB="$PWD/fstab" "$gen" "$PWD/units" "$PWD/units" "$PWD/units"
+	unit=units/$(systemd-escape --path "$PWD/mnt").mount
+	[ -f "${unit%.mount}.automount" ]
+	what=$(sed -n 's/^What=//p' "$unit")
+	where=$(sed -n 's/^Where=//p' "$unit")
+	type=$(sed -n 's/^Type=//p' "$unit")
+	options=$(sed -n 's/^Options=//p' "$unit")
+	[ "$type" = fuse.imgfs ]
+	# systemd's mount unit runs: mount WHAT WHERE -t TYPE -o OPTIONS
+	mount "$what" "$where" -t "$type" -o "$options"
+	[ "$(stat -c %s mnt/disk)" = 8388608 ]
+	pid=$(cat pid)
+	umount "$where"
+	wait_gone "$pid"
+	not_mounted mnt
+}
