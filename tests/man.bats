@@ -67,6 +67,16 @@ same_list() {
 	[ -z "$output" ]
 }
 
+@test "mandb can read both pages' NAME lines (whatis, apropos)" {
+	command -v lexgrog >/dev/null || skip "no lexgrog"
+	run lexgrog "$SRC/doc/imgfs.1"
+	[ "$status" -eq 0 ]
+	[[ "$output" == *'"imgfs - '* ]]
+	run lexgrog "$SRC/doc/imgfs-nbd.8"
+	[ "$status" -eq 0 ]
+	[[ "$output" == *'"imgfs-nbd - '* ]]
+}
+
 @test "imgfs(1) documents exactly the long options of imgfs --help" {
 	man=$(man_long_options "$SRC/doc/imgfs.1")
 	help=$(help_long_options "$IMGFS")
