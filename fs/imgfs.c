@@ -42,6 +42,7 @@ struct cli {
 	int partition;
 	char *snapshot;
 	int list, json;
+	int own_fsname, own_subtype; /* -o fsname=, subtype= given: keep them */
 	int help, version;
 	int nonopts;
 	int bad;
@@ -170,6 +171,10 @@ static int cli_proc(void *data, const char *arg, int key, struct fuse_args *out)
 			return 1;
 		switch (mount_opt_kind(arg)) {
 		case MOUNT_OPT_LIBFUSE:
+			if (!strncmp(arg, "fsname=", 7))
+				c->own_fsname = 1;
+			else if (!strncmp(arg, "subtype=", 8))
+				c->own_subtype = 1;
 			return 1;
 		case MOUNT_OPT_IGNORED:
 			return 0;
@@ -579,10 +584,13 @@ int main(int argc, char **argv)
 	if (c.read_only)
 		fuse_opt_add_arg(&args, "-oro");
 	if (!fuse_opt_add_arg(&args, "-o") && !fuse_opt_add_arg(&args, "default_permissions")) {
-		char *fsname = g_strdup_printf("-ofsname=%s,subtype=imgfs", fs->img->path);
-		/* commas in a path would split the option: fsname is cosmetic */
-		if (!strchr(fs->img->path, ','))
+		char *fsname = g_strdup_printf("-ofsname=%s", fs->img->path);
+		/* commas in a path would split the option: fsname is cosmetic;
+		 * the user's own fsname= or subtype= wins (the last one would) */
+		if (!strchr(fs->img->path, ',') && !c.own_fsname)
 			fuse_opt_add_arg(&args, fsname);
+		if (!c.own_subtype)
+			fuse_opt_add_arg(&args, "-osubtype=imgfs");
 		g_free(fsname);
 	}
 	fs->se = fuse_session_new(&args, &fs_ops, sizeof(fs_ops), fs);

@@ -116,6 +116,15 @@ mount_line() {
 	not_mounted mnt
 }
 
+@test "-o fsname= names the mount's source, as mount(8) shows it" {
+	track_mount "$PWD/mnt" "$PWD/pid"
+	mount -t fuse.imgfs "$PWD/a.qcow2" "$PWD/mnt" -o "ro,fsname=vm-disk,pid_file=$PWD/pid"
+	mount_line mnt | grep -q "^vm-disk $PWD/mnt fuse.imgfs "
+	pid=$(cat pid)
+	umount mnt
+	wait_gone "$pid"
+}
+
 @test "an unknown -o option is named on one line, exit status 1, no mount" {
 	run "$IMGFS" -o ro,no_such_option a.qcow2 mnt
 	[ "$status" -eq 1 ]
