@@ -300,6 +300,12 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 			r = read_host(s, p, run.len, run.host, off, run.where);
 			break;
 		case QC_COMPRESSED:
+			/* a whole cluster: decompress straight into the caller's
+			 * buffer; nobody will ask for parts of it next */
+			if (run.len == s->cluster_size) {
+				r = read_compressed(s, run.entry, p, off, run.where);
+				break;
+			}
 			/* reads smaller than a cluster come in a row: keep the
 			 * last few decompressed clusters */
 			if (qcow2_zcache_get(s->zcache, run.entry, p,

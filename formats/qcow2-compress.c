@@ -16,36 +16,87 @@
 #include <zlib.h>
 #include <zstd.h>
 
+/*
+ * Decompression contexts, one per thread, made on first use and reused:
+ * creating a zstd context or a zlib inflate state for every cluster costs
+ * more than decompressing a 64 KiB cluster (perf: ZSTD_createDCtx and the
+ * page faults of its allocation led the profile).  Per thread, so worker
+ * threads decompress in parallel with no lock; freed when a thread exits.
+ */
+struct zctx {
+	z_stream z;
+	bool z_ready;
+	ZSTD_DCtx *dctx;
+};
+
+static pthread_key_t zctx_key;
+static pthread_once_t zctx_once = PTHREAD_ONCE_INIT;
+static __thread struct zctx *thread_zctx;
+
+static void zctx_free(void *p)
+{
+	struct zctx *c = p;
+
+	if (c->z_ready)
+		inflateEnd(&c->z);
+	ZSTD_freeDCtx(c->dctx);
+	free(c);
+}
+
+static void zctx_key_init(void)
+{
+	pthread_key_create(&zctx_key, zctx_free);
+}
+
+static struct zctx *zctx_get(void)
+{
+	if (!thread_zctx) {
+		pthread_once(&zctx_once, zctx_key_init);
+		thread_zctx = calloc(1, sizeof(*thread_zctx));
+		if (thread_zctx)
+			pthread_setspecific(zctx_key, thread_zctx);
+	}
+	return thread_zctx;
+}
+
 static int inflate_cluster(void *out, size_t out_len, const void *src, size_t src_len)
 {
+	struct zctx *c = zctx_get();
 	uint8_t extra;
-	z_stream z;
+	z_stream *zp;
 	int zr, r = -EIO;
 
-	memset(&z, 0, sizeof(z));
-	if (inflateInit2(&z, -12) != Z_OK)
+	if (!c)
 		return -ENOMEM;
-	z.next_in = (Bytef *)src;
-	z.avail_in = (uInt)src_len;
-	z.next_out = out;
-	z.avail_out = (uInt)out_len;
-	zr = inflate(&z, Z_FINISH);
-	if (z.avail_out == 0) {
+	if (!c->z_ready) {
+		memset(&c->z, 0, sizeof(c->z));
+		if (inflateInit2(&c->z, -12) != Z_OK)
+			return -ENOMEM;
+		c->z_ready = true;
+	} else if (inflateReset(&c->z) != Z_OK) {
+		return -EIO;
+	}
+	zp = &c->z;
+	zp->next_in = (Bytef *)src;
+	zp->avail_in = (uInt)src_len;
+	zp->next_out = out;
+	zp->avail_out = (uInt)out_len;
+	zr = inflate(zp, Z_FINISH);
+	if (zp->avail_out == 0) {
 		if (zr == Z_STREAM_END) {
 			r = 0;
 		} else if (zr == Z_OK || zr == Z_BUF_ERROR) {
 			/* The output is full but the stream has not ended (its
 			 * end marker may lie in a truncated last sector, which
 			 * qemu accepts).  It must not hold more data, though. */
-			z.next_out = &extra;
-			z.avail_out = 1;
-			zr = inflate(&z, Z_SYNC_FLUSH);
-			if (z.avail_out == 1 && zr != Z_NEED_DICT && zr != Z_DATA_ERROR &&
+			zp->next_out = &extra;
+			zp->avail_out = 1;
+			zr = inflate(zp, Z_SYNC_FLUSH);
+			if (zp->avail_out == 1 && zr != Z_NEED_DICT && zr != Z_DATA_ERROR &&
 			    zr != Z_MEM_ERROR)
 				r = 0;
 		}
 	}
-	inflateEnd(&z);
 	return r;
 }
 
@@ -53,15 +104,25 @@ static int zstd_cluster(void *out, size_t out_len, const void *src, size_t src_l
 {
 	ZSTD_inBuffer in = { src, src_len, 0 };
 	ZSTD_outBuffer o = { out, out_len, 0 };
-	ZSTD_DCtx *dctx = ZSTD_createDCtx();
+	struct zctx *c = zctx_get();
+	ZSTD_DCtx *dctx;
 	uint8_t extra;
 	size_t zr = 1;
 	int r = -EIO;
 
-	if (!dctx)
+	if (!c)
 		return -ENOMEM;
-	/* a cluster is at most 2 MiB: refuse frames asking for larger windows */
-	ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, 23);
+	if (!c->dctx) {
+		c->dctx = ZSTD_createDCtx();
+		if (!c->dctx)
+			return -ENOMEM;
+		/* a cluster is at most 2 MiB: refuse frames asking for larger windows */
+		ZSTD_DCtx_setParameter(c->dctx, ZSTD_d_windowLogMax, 23);
+	}
+	dctx = c->dctx;
+	/* a stream left mid-frame by a damaged cluster must not leak into
+	 * this one (parameters such as windowLogMax stay) */
+	ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only);
 	/* several frames may follow one another; keep going until full */
 	while (o.pos < o.size) {
 		size_t in_pos = in.pos, out_pos = o.pos;
@@ -85,7 +146,6 @@ static int zstd_cluster(void *out, size_t out_len, const void *src, size_t src_l
 	}
 	r = 0;
 out:
-	ZSTD_freeDCtx(dctx);
 	return r;
 }
 
