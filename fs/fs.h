@@ -33,7 +33,7 @@ struct fs {
 
 /* Requests: max_write, and the readahead the daemon asks the kernel for. */
 #define FS_MAX_IO (1u << 20)
-#define FS_READAHEAD_KB 1024u
+#define FS_READAHEAD_KB 2048u
 
 extern const struct fuse_lowlevel_ops fs_ops;
 void fs_init_nodes(struct fs *fs);

@@ -384,8 +384,8 @@ static const char *syslog_ident(const char *image_path)
 /*
  * The kernel caps FUSE readahead at the bdi's read_ahead_kb (128 KiB by
  * default) whatever max_readahead we ask for in INIT, so buffered reads
- * arrive as 128 KiB requests.  Raise it to 1 MiB (max_pages) when we may
- * (root): sequential reads then come as 1 MiB requests, several in flight.
+ * arrive as 128 KiB requests.  Raise it to 2 MiB (two max_pages requests) when we may
+ * (root): sequential reads then come as 1 MiB requests, two in flight.
  * The mount's device comes from mountinfo: a stat() of the mountpoint would
  * need the loop that is not running yet.
  */
