@@ -52,7 +52,10 @@ unit_command() {
 	for kv in "$@"; do
 		env[${kv%%=*}]=${kv#*=}
 	done
-	line=$(expand "$unit" "$path" "$(unit_value "$unit" ExecStart)")
+	line=$(expand "$unit" "$path" "$(unit_value "$unit" "${KEY:-ExecStart}")")
+	# "-": a failure is not the unit's failure
+	CMD_MAY_FAIL=""
+	[[ $line == -* ]] && CMD_MAY_FAIL=1 && line=${line#-}
 	CMD=()
 	for word in $line; do
 		case $word in
@@ -154,9 +157,14 @@ socket_activate() {
 	_MOUNTS+=("$PWD/mnt")
 	pf=$(mktemp "$T/pid.XXXXXX")
 	_PIDFILES+=("$pf")
-	mkdir -p /run/imgfs
+	# ExecStartPre makes the mountpoint (here it exists already)
+	start=("${CMD[@]}")
+	KEY=ExecStartPre unit_command "$UNITS/imgfs@.service" "$PWD/a.qcow2" "MOUNTPOINT=$PWD/mnt"
+	[ "${CMD[0]}" = /bin/mkdir ]
+	"${CMD[@]}" || [ -n "$CMD_MAY_FAIL" ]
+	[ -d /run/imgfs ]
 	# Type=forking: the command returning is "started"
-	"${CMD[@]}"
+	"${start[@]}"
 	[ "$(stat -c %s mnt/disk)" = 16777216 ]
 	# systemd reads the main pid from PIDFile= as soon as the command returns
 	[ -s "$pidfile" ]
