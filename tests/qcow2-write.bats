@@ -263,7 +263,7 @@ f = open('a.qcow2', 'r+b'); f.seek($l2); f.write(struct.pack('>Q', (1 << 63) | $
 	for seed in 21 22 23 24 25 26; do
 		mount_imgfs a.qcow2 mnt
 		pid=$(last_pid)
-		python3 "$WL" run mnt/disk $((16 * MiB)) "$seed" 5000 "ops$seed.log" 2>/dev/null &
+		python3 "$WL" run mnt/disk $((16 * MiB)) "$seed" 5000 "ops$seed.log" 2>"wl$seed.err" &
 		wl=$!
 		sleep "0.$((seed * 37 % 8 + 1))"
 		kill -9 "$pid"
@@ -275,6 +275,7 @@ f = open('a.qcow2', 'r+b'); f.seek($l2); f.write(struct.pack('>Q', (1 << 63) | $
 		echo "$output"
 		[ "$status" -eq 0 ] || [ "$status" -eq 3 ]
 		qemu_raw a.qcow2 now.raw
+		cat "wl$seed.err"
 		python3 "$WL" verify "ops$seed.log" prev.raw now.raw 0
 		mv now.raw prev.raw
 		qemu_raw a.qcow2 s.raw -l snapshot.name=s

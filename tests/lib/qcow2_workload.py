@@ -62,8 +62,8 @@ def gen_ops(size, seed, nops):
 
 
 def run(target, size, seed, nops, log):
-    fd = os.open(target, os.O_WRONLY)
     with open(log, "w") as lf:
+        fd = os.open(target, os.O_WRONLY)
         for i, (op, off, ln, pat) in enumerate(gen_ops(size, seed, nops)):
             lf.write(f"op {i} {op} {off} {ln} {pat}\n")
             lf.flush()

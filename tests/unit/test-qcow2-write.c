@@ -1,0 +1,380 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The qcow2 write path: refcount entry arithmetic at every width, the
+ * allocator (reuse after free, self-covering refcount blocks, table
+ * growth), copy-on-write from a backing file and from snapshot-shared
+ * clusters, zeroes and discard, and the rebuild of a dirty image's
+ * refcounts.  Images are made with qemu-img in a temporary directory and
+ * judged by qemu-img check / compare afterwards.
+ */
+#include <errno.h>
+#include <glib.h>
+#include <glib/gstdio.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "formats.h"
+#include "image.h"
+#include "qcow2-write.h"
+
+static char *tmpdir;
+static unsigned seq;
+
+static bool have_qemu(void)
+{
+	char *a = g_find_program_in_path("qemu-img");
+	char *b = g_find_program_in_path("qemu-io");
+	bool have = a && b;
+
+	g_free(a);
+	g_free(b);
+	if (!have)
+		g_test_skip("qemu-img/qemu-io not installed");
+	return have;
+}
+
+static char *tpath(const char *name)
+{
+	return g_strdup_printf("%s/%u-%s", tmpdir, seq++, name);
+}
+
+/* Run a shell command; returns its exit status; output in *out if asked. */
+static int shs(char **out, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+static int shs(char **out, const char *fmt, ...)
+{
+	gchar *o = NULL, *eo = NULL;
+	GError *err = NULL;
+	gint status = 0;
+	va_list ap;
+	char *cmd;
+	gchar *argv[] = { (gchar *)"/bin/sh", (gchar *)"-c", NULL, NULL };
+
+	va_start(ap, fmt);
+	cmd = g_strdup_vprintf(fmt, ap);
+	va_end(ap);
+	argv[2] = cmd;
+	if (!g_spawn_sync(NULL, argv, NULL, G_SPAWN_DEFAULT, NULL, NULL, &o, &eo, &status, &err))
+		g_error("spawn %s: %s", cmd, err->message);
+	if (out)
+		*out = g_strconcat(o, eo, NULL);
+	g_free(o);
+	g_free(eo);
+	g_free(cmd);
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 255;
+}
+
+#define sh(...) g_assert_cmpint(shs(NULL, __VA_ARGS__), ==, 0)
+
+static struct image_opts opts;
+
+static struct bdev *open_rw(const char *path)
+{
+	struct open_ctx ctx;
+	struct err e = { 0 };
+	struct bdev *d = NULL;
+
+	memset(&ctx, 0, sizeof(ctx));
+	ctx.opts = &opts;
+	if (image_open_dev(path, "qcow2", true, &ctx, &d, &e) < 0)
+		g_error("open %s: %s", path, e.msg);
+	g_assert_false(d->read_only);
+	return d;
+}
+
+/* qemu-img check: 0 = clean, 3 = leaks, 2 = corruption */
+static void assert_clean(const char *path)
+{
+	char *out;
+	int st = shs(&out, "qemu-img check %s", path);
+
+	if (st != 0)
+		g_error("qemu-img check %s: status %d\n%s", path, st, out);
+	g_free(out);
+}
+
+/* ---- refcount entries ------------------------------------------------------- */
+
+static void test_rc_entries(void)
+{
+	for (unsigned order = 0; order <= 6; order++) {
+		unsigned bits = 1u << order;
+		uint64_t max = bits == 64 ? UINT64_MAX : (1ull << bits) - 1;
+		uint64_t n = 512 * 8 / bits;
+		uint8_t *b = g_malloc0(512);
+
+		for (uint64_t i = 0; i < n; i++)
+			qcow2_rc_entry_set(b, order, i, (i * 0x9e3779b97f4a7c15ull) & max);
+		for (uint64_t i = 0; i < n; i++)
+			g_assert_cmpuint(qcow2_rc_entry_get(b, order, i), ==,
+					 (i * 0x9e3779b97f4a7c15ull) & max);
+		/* setting one entry leaves its neighbours alone */
+		qcow2_rc_entry_set(b, order, 5, max);
+		g_assert_cmpuint(qcow2_rc_entry_get(b, order, 4), ==, (4 * 0x9e3779b97f4a7c15ull) & max);
+		g_assert_cmpuint(qcow2_rc_entry_get(b, order, 6), ==, (6 * 0x9e3779b97f4a7c15ull) & max);
+		g_assert_cmpuint(qcow2_rc_entry_get(b, order, 5), ==, max);
+		g_free(b);
+	}
+}
+
+static void test_rc_layout(void)
+{
+	uint8_t b[16];
+
+	/* below 8 bits: LSB-first within each byte (§ "Refcount blocks") */
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 0, 0, 1);
+	qcow2_rc_entry_set(b, 0, 9, 1);
+	g_assert_cmphex(b[0], ==, 0x01);
+	g_assert_cmphex(b[1], ==, 0x02);
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 1, 1, 3);
+	qcow2_rc_entry_set(b, 1, 3, 1);
+	g_assert_cmphex(b[0], ==, 0x4c);
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 2, 1, 0xa);
+	g_assert_cmphex(b[0], ==, 0xa0);
+	/* 8 bits and more: big-endian */
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 4, 1, 0x1234);
+	g_assert_cmphex(b[2], ==, 0x12);
+	g_assert_cmphex(b[3], ==, 0x34);
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 5, 1, 0x01020304);
+	g_assert_cmpmem(b + 4, 4, "\x01\x02\x03\x04", 4);
+	memset(b, 0, sizeof(b));
+	qcow2_rc_entry_set(b, 6, 1, 0x0102030405060708ull);
+	g_assert_cmpmem(b + 8, 8, "\x01\x02\x03\x04\x05\x06\x07\x08", 8);
+}
+
+/* ---- the allocator ----------------------------------------------------------- */
+
+static void test_alloc_reuse(void)
+{
+	char *img = tpath("alloc.qcow2");
+	struct bdev *d;
+	struct qcow2 *s;
+	uint64_t a, b, c, rc;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 %s 64M", img);
+	d = open_rw(img);
+	s = qcow2_state(d);
+	pthread_mutex_lock(&s->w->lock);
+	/* header, refcount table, refcount block, L1: the next is cluster 4 */
+	g_assert_cmpint(qcow2_alloc_clusters(s, 1, &a), ==, 0);
+	g_assert_cmphex(a, ==, 4 * 65536);
+	g_assert_cmpint(qcow2_alloc_clusters(s, 3, &b), ==, 0);
+	g_assert_cmphex(b, ==, 5 * 65536);
+	g_assert_cmpint(qcow2_rc_get(s, 6, &rc), ==, 0);
+	g_assert_cmpuint(rc, ==, 1);
+	/* a free waits for the flush; then the hole is found again */
+	qcow2_free_later(s, a, 1);
+	g_assert_cmpint(qcow2_rc_get(s, 4, &rc), ==, 0);
+	g_assert_cmpuint(rc, ==, 1);
+	g_assert_cmpint(qcow2_meta_flush(s), ==, 0);
+	g_assert_cmpint(qcow2_rc_get(s, 4, &rc), ==, 0);
+	g_assert_cmpuint(rc, ==, 0);
+	g_assert_cmpint(qcow2_alloc_clusters(s, 1, &c), ==, 0);
+	g_assert_cmphex(c, ==, a);
+	/* clean up: everything allocated here is freed again */
+	qcow2_free_later(s, c, 1);
+	qcow2_free_later(s, b, 3);
+	g_assert_cmpint(qcow2_meta_flush(s), ==, 0);
+	pthread_mutex_unlock(&s->w->lock);
+	bdev_close(d);
+	assert_clean(img);
+	g_free(img);
+}
+
+/* Fill an image of small clusters: refcount blocks cover themselves, the
+ * table grows; every width. */
+static void test_alloc_widths(void)
+{
+	static const unsigned widths[] = { 1, 2, 4, 8, 16, 32, 64 };
+
+	if (!have_qemu())
+		return;
+	for (unsigned k = 0; k < G_N_ELEMENTS(widths); k++) {
+		char *img = tpath("w.qcow2"), *raw = tpath("w.raw");
+		size_t len = 3 << 20;
+		uint8_t *buf = g_malloc(len);
+		struct bdev *d;
+		FILE *f;
+
+		sh("qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=%u %s 8M", widths[k], img);
+		for (size_t i = 0; i < len; i++)
+			buf[i] = (uint8_t)(i * 7 + k + (i >> 9));
+		d = open_rw(img);
+		g_assert_cmpint(bdev_pwrite(d, buf, len, 12345, 0), ==, 0);
+		/* overwrite part in place, zero a range, discard another */
+		g_assert_cmpint(bdev_pwrite(d, buf, 70000, 100000, 0), ==, 0);
+		g_assert_cmpint(bdev_zero(d, 200704, 65536, 0), ==, 0);
+		g_assert_cmpint(bdev_discard(d, 1 << 20, 300000), ==, 0);
+		g_assert_cmpint(bdev_flush(d), ==, 0);
+		bdev_close(d);
+		assert_clean(img);
+
+		f = fopen(raw, "wb");
+		g_assert_nonnull(f);
+		g_assert_cmpint(ftruncate(fileno(f), 8 << 20), ==, 0);
+		g_assert_cmpint(fseek(f, 12345, SEEK_SET), ==, 0);
+		fwrite(buf, 1, len, f);
+		fseek(f, 100000, SEEK_SET);
+		fwrite(buf, 1, 70000, f);
+		fclose(f);
+		sh("qemu-io -f raw -c 'write -z 200704 65536' -c 'write -z 1048576 300000' %s", raw);
+		sh("qemu-img compare -f qcow2 -F raw %s %s", img, raw);
+		g_free(buf);
+		g_free(img);
+		g_free(raw);
+	}
+}
+
+/* ---- copy-on-write --------------------------------------------------------------- */
+
+static void test_cow_backing(void)
+{
+	char *back = tpath("back.raw"), *img = tpath("cow.qcow2"), *out;
+	uint8_t got[65536], want[65536];
+	struct bdev *d;
+
+	if (!have_qemu())
+		return;
+	sh("truncate -s 1M %s && qemu-io -f raw -c 'write -P 0x5a 0 1M' %s >/dev/null", back, back);
+	sh("qemu-img create -q -f qcow2 -b %s -F raw %s 1M", back, img);
+	d = open_rw(img);
+	g_assert_cmpint(bdev_pwrite(d, "X", 1, 65536 + 1000, 0), ==, 0);
+	g_assert_cmpint(bdev_pread(d, got, sizeof(got), 65536), ==, 0);
+	memset(want, 0x5a, sizeof(want));
+	want[1000] = 'X';
+	g_assert_cmpmem(got, sizeof(got), want, sizeof(want));
+	bdev_close(d);
+	assert_clean(img);
+	/* one cluster allocated, the rest still the backing file's */
+	g_assert_cmpint(shs(&out, "qemu-img map --output=json %s", img), ==, 0);
+	g_assert_nonnull(strstr(out, "\"start\": 65536, \"length\": 65536, \"depth\": 0"));
+	g_free(out);
+	g_free(back);
+	g_free(img);
+}
+
+static void test_cow_snapshot(void)
+{
+	char *img = tpath("snap.qcow2");
+	uint8_t buf[512], old[512];
+	struct bdev *d, *sd;
+	struct err e = { 0 };
+	struct qcow2 *s;
+	uint64_t ent, rc;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 %s 4M", img);
+	sh("qemu-io -c 'write -P 0x11 0 128k' %s >/dev/null", img);
+	sh("qemu-img snapshot -c one %s", img);
+	d = open_rw(img);
+	s = qcow2_state(d);
+	memset(buf, 0x22, sizeof(buf));
+	g_assert_cmpint(bdev_pwrite(d, buf, sizeof(buf), 100, 0), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	/* the active L2 table was copied and the data cluster moved */
+	g_assert_true(s->l1.table[0] & QCOW2_OFLAG_COPIED);
+	g_assert_cmpint(qcow2_cache_read(s->l2_cache, s->l1.table[0] & QCOW2_OFFSET_MASK, 0, &ent, 8), ==, 0);
+	ent = be64(&ent);
+	g_assert_true(ent & QCOW2_OFLAG_COPIED);
+	pthread_mutex_lock(&s->w->lock);
+	g_assert_cmpint(qcow2_rc_get(s, (ent & QCOW2_OFFSET_MASK) >> s->cluster_bits, &rc), ==, 0);
+	pthread_mutex_unlock(&s->w->lock);
+	g_assert_cmpuint(rc, ==, 1);
+	/* the snapshot still reads the old bytes */
+	g_assert_cmpint(qcow2_snapshot_open(d, 0, &sd, &e), ==, 0);
+	g_assert_cmpint(bdev_pread(sd, old, sizeof(old), 100), ==, 0);
+	memset(buf, 0x11, sizeof(buf));
+	g_assert_cmpmem(old, sizeof(old), buf, sizeof(buf));
+	bdev_close(sd);
+	bdev_close(d);
+	assert_clean(img);
+	g_free(img);
+}
+
+static void test_zero_keeps_backing_hidden(void)
+{
+	char *back = tpath("zb.raw"), *img = tpath("zb.qcow2");
+	uint8_t got[8192], zero[8192] = { 0 };
+	struct bdev *d;
+
+	if (!have_qemu())
+		return;
+	sh("truncate -s 1M %s && qemu-io -f raw -c 'write -P 0x77 0 1M' %s >/dev/null", back, back);
+	sh("qemu-img create -q -f qcow2 -b %s -F raw %s 1M", back, img);
+	d = open_rw(img);
+	/* discard an unallocated range: zeroes, not the backing file */
+	g_assert_cmpint(bdev_discard(d, 65536, 131072), ==, 0);
+	g_assert_cmpint(bdev_pread(d, got, sizeof(got), 65536 + 8192), ==, 0); /* 8 KiB in */
+	g_assert_cmpmem(got, sizeof(got), zero, sizeof(zero));
+	/* an unaligned discard writes real zeroes at the edges */
+	g_assert_cmpint(bdev_discard(d, 300000, 5000), ==, 0);
+	g_assert_cmpint(bdev_pread(d, got, 5000, 300000), ==, 0);
+	g_assert_cmpmem(got, 5000, zero, 5000);
+	g_assert_cmpint(bdev_pread(d, got, 1, 305000), ==, 0);
+	g_assert_cmphex(got[0], ==, 0x77);
+	bdev_close(d);
+	assert_clean(img);
+	g_free(back);
+	g_free(img);
+}
+
+/* ---- dirty images -------------------------------------------------------------- */
+
+static void test_dirty_repair(void)
+{
+	char *img = tpath("dirty.qcow2"), *out;
+	struct bdev *d;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4096 %s 8M", img);
+	sh("qemu-io -c 'write -P 0x33 0 1M' %s >/dev/null", img);
+	/* a lazy-refcount crash: dirty bit set, refcounts of data lost
+	 * (zero the refcount block's entries past the metadata) */
+	sh("python3 -c \"import struct; f = open('%s', 'r+b'); f.seek(72); "
+	   "v = struct.unpack('>Q', f.read(8))[0] | 1; f.seek(72); f.write(struct.pack('>Q', v)); "
+	   "f.seek(48); rt = struct.unpack('>Q', f.read(8))[0]; f.seek(rt); "
+	   "rb = struct.unpack('>Q', f.read(8))[0]; f.seek(rb + 2 * 8); f.write(bytes(4096 - 16))\"", img);
+	g_assert_cmpint(shs(&out, "qemu-img check %s", img), ==, 2);
+	g_free(out);
+	d = open_rw(img);
+	bdev_close(d);
+	assert_clean(img);
+	g_assert_cmpint(shs(&out, "qemu-img info --output=json %s", img), ==, 0);
+	g_assert_nonnull(strstr(out, "\"dirty-flag\": false"));
+	g_free(out);
+	sh("qemu-io -c 'read -P 0x33 0 1M' %s >/dev/null", img);
+	g_free(img);
+}
+
+int main(int argc, char **argv)
+{
+	int r;
+
+	g_test_init(&argc, &argv, NULL);
+	log_set_level(LOG_LVL_ERR);
+	tmpdir = g_dir_make_tmp("imgfs-qcow2w-XXXXXX", NULL);
+	g_assert_nonnull(tmpdir);
+	g_test_add_func("/qcow2-write/refcount/entries", test_rc_entries);
+	g_test_add_func("/qcow2-write/refcount/layout", test_rc_layout);
+	g_test_add_func("/qcow2-write/alloc/reuse", test_alloc_reuse);
+	g_test_add_func("/qcow2-write/alloc/widths", test_alloc_widths);
+	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
+	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
+	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
+	g_test_add_func("/qcow2-write/dirty/repair", test_dirty_repair);
+	r = g_test_run();
+	shs(NULL, "rm -rf %s", tmpdir);
+	g_free(tmpdir);
+	return r;
+}
