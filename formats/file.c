@@ -248,7 +248,12 @@ int file_open(const char *path, unsigned flags, struct bdev **out, struct err *e
 	uint64_t size;
 	int fd;
 
-	fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+	/* O_NONBLOCK: a name taken from an image (a backing or data file) may
+	 * be a FIFO or a tty, whose open would block for ever or take a
+	 * controlling terminal; they are refused below, after an open that
+	 * returns at once.  It does nothing to regular files and block
+	 * devices, and is cleared again for them. */
+	fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 	if (fd < 0)
 		return err_set(e, -errno, "%s: %s", path, strerror(errno));
 	if (fstat(fd, &st) < 0) {
@@ -267,6 +272,11 @@ int file_open(const char *path, unsigned flags, struct bdev **out, struct err *e
 	} else {
 		close(fd);
 		return err_set(e, -EINVAL, "%s: not a regular file or block device", path);
+	}
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+		int r = -errno;
+		close(fd);
+		return err_set(e, r, "%s: %s", path, strerror(-r));
 	}
 	f = xcalloc(1, sizeof(*f));
 	f->fd = fd;

@@ -148,6 +148,7 @@ struct qcow2 {
 
 	struct qcow2_snap *snaps;
 	unsigned nsnaps;
+	uint64_t snapshots_size; /* bytes of the snapshot table, as parsed */
 
 	/* damage reports: each damaged entry logged once, and only so many */
 	pthread_mutex_t damage_lock;

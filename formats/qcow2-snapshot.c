@@ -109,6 +109,7 @@ int qcow2_snapshots_load(struct qcow2 *s, struct err *e)
 		if (r < 0)
 			return r;
 	}
+	s->snapshots_size = pos;
 	return 0;
 }
 

@@ -333,6 +333,11 @@ static int parse_header(struct qcow2 *s, const uint8_t *h, uint64_t avail, struc
 			  (uint64_t)s->refcount_table_clusters << s->cluster_bits, INT64_MAX))
 		return err_set(e, -EINVAL, "%s: invalid refcount table offset 0x%" PRIx64,
 			       s->path, s->refcount_table_offset);
+	/* qemu always writes the whole table; one past EOF is damage */
+	if (range_exceeds(s->refcount_table_offset,
+			  (uint64_t)s->refcount_table_clusters << s->cluster_bits, fsize))
+		return err_set(e, -EINVAL, "%s: refcount table at 0x%" PRIx64 " (%u clusters) lies past the end of the file",
+			       s->path, s->refcount_table_offset, s->refcount_table_clusters);
 
 	if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
 		return err_set(e, -EFBIG, "%s: too many snapshots (%u, at most %u)",
@@ -346,6 +351,36 @@ static int parse_header(struct qcow2 *s, const uint8_t *h, uint64_t avail, struc
 	s->l1.disk_size = s->size;
 	s->l1.what = "active L1 table";
 	return qcow2_check_l1(s, s->l1.offset, s->l1.size, "active L1 table", e);
+}
+
+/*
+ * The header cluster, the active L1, the refcount table and the snapshot
+ * table never share a cluster in an image qemu wrote.  One that makes them
+ * overlap is hostile: a write through one would rewrite the other (qemu's
+ * overlap check, iotest 060, refuses such writes at run time; we refuse the
+ * image at open, so neither reads nor a later write path ever meet it).
+ */
+static int check_metadata_overlap(const struct qcow2 *s, struct err *e)
+{
+	struct { const char *what; uint64_t off, len; } m[4] = {
+		{ "the header", 0, s->cluster_size },
+		{ "the active L1 table", s->l1.offset, (uint64_t)s->l1.size * 8 },
+		{ "the refcount table", s->refcount_table_offset,
+		  (uint64_t)s->refcount_table_clusters << s->cluster_bits },
+		{ "the snapshot table", s->snapshots_offset, s->snapshots_size },
+	};
+
+	/* all offsets are cluster-aligned and inside the file (checked): whole
+	 * clusters, so round the lengths up */
+	for (unsigned i = 0; i < ARRAY_SIZE(m); i++)
+		m[i].len = align_up(m[i].len, s->cluster_size);
+	for (unsigned i = 0; i < ARRAY_SIZE(m); i++)
+		for (unsigned j = i + 1; j < ARRAY_SIZE(m); j++)
+			if (m[i].len && m[j].len && m[i].off < m[j].off + m[j].len &&
+			    m[j].off < m[i].off + m[i].len)
+				return err_set(e, -EINVAL, "%s: %s (at 0x%" PRIx64 ") overlaps %s (at 0x%" PRIx64 ")",
+					       s->path, m[j].what, m[j].off, m[i].what, m[i].off);
+	return 0;
 }
 
 /* Feature bits that depend on extensions (data file) and the backing name. */
@@ -570,6 +605,9 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 	if (r < 0)
 		goto fail;
 	r = qcow2_snapshots_load(s, e);
+	if (r < 0)
+		goto fail;
+	r = check_metadata_overlap(s, e);
 	if (r < 0)
 		goto fail;
 	if (s->incompat & QCOW2_INCOMPAT_DATA_FILE) {
