@@ -14,10 +14,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* The qcow2 write path is a capability of its own; until it lands, qcow2
- * images are opened read-only (so they take only reader locks). */
+/* The qcow2 write path (qcow2-write.c): qcow2 images open writable, with
+ * qemu's writer locks.  Build with -DQCOW2_CAN_WRITE=0 to open them
+ * read-only (reader locks only). */
 #ifndef QCOW2_CAN_WRITE
-#define QCOW2_CAN_WRITE 0
+#define QCOW2_CAN_WRITE 1
 #endif
 
 static int chain_push(struct open_ctx *ctx, const char *path, struct err *e)

@@ -27,6 +27,7 @@ struct slice {
 	struct slice *hnext;          /* hash chain */
 	struct slice *prev, *next;    /* LRU list, most recent first */
 	bool dirty;
+	bool writing;                 /* being written back: not evictable */
 	uint8_t data[];
 };
 
@@ -116,7 +117,9 @@ static void evict(struct qcow2_cache *c)
 	while (c->count > c->max && sl != &c->head && sl != c->head.next) {
 		struct slice *prev = sl->prev;
 
-		if (!sl->dirty) {
+		/* a slice being written back stays: evicted now, a reader
+		 * could load the old bytes from disk and keep them */
+		if (!sl->dirty && !sl->writing) {
 			struct slice **pp = &c->buckets[bucket_of(c, sl->off)];
 
 			while (*pp != sl)
@@ -161,6 +164,7 @@ static int get_locked(struct qcow2_cache *c, uint64_t off, struct slice **out)
 	fresh = xmalloc(sizeof(*fresh) + c->slice_size);
 	fresh->off = off;
 	fresh->dirty = false;
+	fresh->writing = false;
 	r = bdev_pread(c->file, fresh->data, c->slice_size, off);
 	if (r < 0) {
 		free(fresh);
@@ -238,6 +242,7 @@ int qcow2_cache_flush(struct qcow2_cache *c)
 				off = sl->off;
 				memcpy(copy, sl->data, c->slice_size);
 				sl->dirty = false;
+				sl->writing = true;
 				found = true;
 				break;
 			}
@@ -245,14 +250,16 @@ int qcow2_cache_flush(struct qcow2_cache *c)
 		if (!found)
 			break;
 		r = bdev_pwrite(c->file, copy, c->slice_size, off, 0);
-		if (r < 0) {
-			pthread_mutex_lock(&c->lock);
-			sl = find(c, off);
-			if (sl)
+		pthread_mutex_lock(&c->lock);
+		sl = find(c, off);
+		if (sl) {
+			sl->writing = false;
+			if (r < 0)
 				sl->dirty = true;
-			pthread_mutex_unlock(&c->lock);
-			break;
 		}
+		pthread_mutex_unlock(&c->lock);
+		if (r < 0)
+			break;
 	}
 	free(copy);
 	return r;

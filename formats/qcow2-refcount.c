@@ -394,8 +394,9 @@ int qcow2_rc_set(struct qcow2 *s, uint64_t cluster, uint64_t v)
 }
 
 /* The first run of n free clusters from the hint (never cluster 0, never a
- * cluster the metadata set knows: a refcount of 0 there is damage). */
-static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out)
+ * cluster the metadata set knows: a refcount of 0 there is damage).
+ * *first_free: the first free cluster seen, where the next search starts. */
+static int find_free_from(struct qcow2 *s, uint64_t n, uint64_t *out, uint64_t *first_free)
 {
 	struct qcow2_writer *w = s->w;
 	uint64_t c = MAX(w->free_hint, 1), run = 0;
@@ -408,12 +409,16 @@ static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out)
 
 		if (run == n) {
 			*out = c - n;
+			if (*first_free == UINT64_MAX)
+				*first_free = *out;
 			return 0;
 		}
 		if (((c + n) << s->cluster_bits) > QCOW2_MAX_HOST_CLUSTER_OFFSET)
 			return -ENOSPC;
 		if (c >= w->alloc_end) { /* everything from here on is free */
 			*out = c - run;
+			if (*first_free == UINT64_MAX)
+				*first_free = *out;
 			return 0;
 		}
 		if (covered(w, c / w->rb_entries)) {
@@ -421,23 +426,33 @@ static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out)
 			if (r < 0)
 				return r;
 		}
-		if (rc == 0 && !qcow2_mset_get(&w->meta, c))
+		if (rc == 0 && !qcow2_mset_get(&w->meta, c)) {
+			if (*first_free == UINT64_MAX)
+				*first_free = c;
 			run++;
-		else
+		} else {
 			run = 0;
+		}
 		c++;
 	}
+}
+
+static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out)
+{
+	uint64_t first_free = UINT64_MAX;
+
+	return find_free_from(s, n, out, &first_free);
 }
 
 int qcow2_alloc_clusters(struct qcow2 *s, uint64_t n, uint64_t *off)
 {
 	struct qcow2_writer *w = s->w;
-	uint64_t c;
+	uint64_t c, first_free = UINT64_MAX;
 	int r;
 
 	if (n == 0 || n > w->rb_entries / 2)
 		return -EINVAL;
-	r = find_free(s, n, &c);
+	r = find_free_from(s, n, &c, &first_free);
 	if (r < 0)
 		return r;
 	/* claim the run before blocks or a grown table are placed */
@@ -453,8 +468,8 @@ int qcow2_alloc_clusters(struct qcow2 *s, uint64_t n, uint64_t *off)
 		if (r < 0)
 			return r;
 	}
-	if (n == 1 && c == MAX(w->free_hint, 1))
-		w->free_hint = c + 1;
+	/* nothing below first_free is free; below c + 1 either, for n == 1 */
+	w->free_hint = n == 1 ? c + 1 : MAX(first_free, w->free_hint);
 	*off = c << s->cluster_bits;
 	return 0;
 }

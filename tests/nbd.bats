@@ -154,7 +154,7 @@ PY
 
 @test "qemu-img compare finds the export identical to the image" {
 	start_nbd a a.qcow2
-	qemu-img compare a.qcow2 "$URI"
+	qemu-img compare -U a.qcow2 "$URI"
 }
 
 @test "-A reports allocation depth through a backing chain" {
@@ -343,14 +343,14 @@ PY
 )
 	track_pid "$pid"
 	# no waiting for readiness: the socket already listens
-	qemu-img compare a.qcow2 "nbd+unix:///?socket=$T/fd.sock"
+	qemu-img compare -U a.qcow2 "nbd+unix:///?socket=$T/fd.sock"
 }
 
 @test "systemd socket activation" {
 	systemd-socket-activate -l "$T/sa.sock" "$IMGFS_NBD" -t a.qcow2 2>/dev/null &
 	track_pid $!
 	for _ in $(seq 50); do [ -S "$T/sa.sock" ] && break; sleep 0.1; done
-	qemu-img compare a.qcow2 "nbd+unix:///?socket=$T/sa.sock"
+	qemu-img compare -U a.qcow2 "nbd+unix:///?socket=$T/sa.sock"
 }
 
 @test "nbdcopy runs imgfs-nbd itself: nbdcopy -- [ imgfs-nbd ... ]" {
@@ -487,7 +487,7 @@ PY
 	"$IMGFS_NBD" --fork --pid-file="$T/tcp.pid" -t -p "$port" a.qcow2
 	track_pid "$(cat "$T/tcp.pid")"
 	grep -q "0100007F:$(printf '%04X' "$port") 00000000:0000 0A" /proc/net/tcp
-	qemu-img compare a.qcow2 "nbd://127.0.0.1:$port"
+	qemu-img compare -U a.qcow2 "nbd://127.0.0.1:$port"
 }
 
 @test "imgfs-nbd refuses a directory that is not a mount, and bad options" {

@@ -59,11 +59,12 @@ teardown() { common_teardown; }
 
 @test "a file mount shows one view; a missing view is an error" {
 	touch f
-	mount_imgfs a.qcow2 f -P 2
+	# read-only: a writable qcow2 mount holds qemu's write lock
+	mount_imgfs a.qcow2 f -P 2 -r
 	[ "$(stat -c %s f)" = 10485760 ]
 	dd if=src.raw bs=512 skip=10240 count=20480 status=none | cmp - f
 	touch g
-	run "$IMGFS" a.qcow2 g -P 7
+	run "$IMGFS" -r a.qcow2 g -P 7
 	[ "$status" -ne 0 ]
 	[[ "$output" == *p7* ]]
 	not_mounted g
