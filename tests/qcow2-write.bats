@@ -339,3 +339,48 @@ f = open('a.qcow2', 'r+b'); f.seek($l2); f.write(struct.pack('>Q', (1 << 63) | $
 	[[ "$output" == *"in use"* ]]
 	not_mounted mnt
 }
+
+@test "threads writing disjoint bytes of the same clusters: all land, image clean" {
+	pattern_file back.raw $((16 * MiB)) 41
+	qemu-img create -q -f qcow2 -o cluster_size=65536 -b back.raw -F raw a.qcow2
+	qemu-img snapshot -c s a.qcow2
+	mount_imgfs a.qcow2 mnt
+	# 8 threads; thread t writes 4 KiB at every 32 KiB + t*4 KiB: each
+	# cluster gets COW from the backing file and writes from all of them
+	python3 - mnt/disk <<'PY'
+import os, sys, threading
+fd = os.open(sys.argv[1], os.O_RDWR)
+def work(t):
+    for k in range(0, 16 * 1024 * 1024, 32768):
+        os.pwrite(fd, bytes([t + 1]) * 4096, k + t * 4096)
+        if k % (1 << 20) == 0:
+            os.pread(fd, 65536, k)
+ts = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+os.fsync(fd)
+PY
+	unmount_imgfs mnt
+	qemu-img check a.qcow2
+	python3 - a.raw <<'PY'
+import struct
+with open("a.raw", "wb") as f:
+    for k in range(0, 16 * 1024 * 1024, 32768):
+        f.write(b"".join(bytes([t + 1]) * 4096 for t in range(8)))
+PY
+	qemu-img compare -f qcow2 -F raw a.qcow2 a.raw
+}
+
+@test "fio: two NBD connections, iodepth 16, write and verify on a qcow2 export" {
+	qemu-img create -q -f qcow2 -o cluster_size=65536 a.qcow2 64M
+	"$IMGFS_NBD" --fork --pid-file="$T/nbd.pid" -k "$T/nbd.sock" -t -e 2 a.qcow2
+	pid=$(cat "$T/nbd.pid")
+	track_pid "$pid"
+	fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$T/nbd.sock" --rw=randwrite --bs=4k \
+		--iodepth=16 --numjobs=2 --size=16M --offset_increment=16M \
+		--verify=crc32c --do_verify=1 --group_reporting --output="$T/fio.out"
+	grep -q 'err= 0' "$T/fio.out"
+	kill "$pid"
+	wait_gone "$pid"
+	qemu-img check a.qcow2
+}
