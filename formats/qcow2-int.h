@@ -9,6 +9,10 @@
  *   qcow2-cache.c     the bounded LRU cache of L2 slices
  *   qcow2-compress.c  deflate / zstd cluster decompression
  *   qcow2-snapshot.c  the snapshot table and read-only snapshot devices
+ *   qcow2-refcount.c  refcounts, the allocator, refcount table growth
+ *   qcow2-write.c     writes, copy-on-write, zeroes, discard, flush order
+ *   qcow2-check.c     the overlap check, the corrupt bit, dirty-image repair
+ *                     (the write path's own header: qcow2-write.h)
  *
  * Threads: reads run in parallel with no lock held across I/O.  The active
  * L1 is immutable while the device is read-only; the L2 cache, the
@@ -60,6 +64,10 @@
 #define QCOW2_MAX_SNAPSHOTS_BYTES ((uint64_t)64 << 20)
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024u
 #define QCOW2_MAX_BACKING_NAME  1023u
+/* Ours: snapshot L1 tables held in memory at once, per image.  Each may be
+ * 32 MiB and 65536 snapshots may share one: without a bound, reading every
+ * snap@ view of a small hostile file would take 2 TiB. */
+#define QCOW2_MAX_SNAP_L1_TOTAL ((uint64_t)256 << 20)
 
 /* L1/L2 entry layout (§ "Cluster mapping"). */
 #define QCOW2_OFLAG_COPIED     (1ull << 63)
@@ -149,6 +157,7 @@ struct qcow2 {
 	struct qcow2_snap *snaps;
 	unsigned nsnaps;
 	uint64_t snapshots_size; /* bytes of the snapshot table, as parsed */
+	uint64_t snap_l1_bytes;  /* snapshot L1 tables in memory (atomic), bounded */
 
 	/* damage reports: each damaged entry logged once, and only so many */
 	pthread_mutex_t damage_lock;

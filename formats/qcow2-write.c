@@ -713,7 +713,13 @@ int qcow2_writer_open(struct qcow2 *s, struct err *e)
 	if (r == 0)
 		r = qcow2_meta_build(s, e);
 	if (r == 0 && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
-		r = qcow2_repair_refcounts(s, e);
+		/* autoclear bits (bitmaps) go first: the rebuild does not count
+		 * bitmap clusters, so the bitmaps must stop being valid */
+		r = ensure_header(s);
+		if (r < 0)
+			err_set(e, r, "%s: cannot update the header: %s", s->path, strerror(-r));
+		else
+			r = qcow2_repair_refcounts(s, e);
 		if (r == 0)
 			w->set_dirty = true; /* repaired: clean at close */
 	}
