@@ -148,6 +148,7 @@ struct snap_dev {
 	struct qcow2_l1 l1;
 	pthread_mutex_t load_lock;
 	atomic_int loaded;      /* 0 not yet, 1 loaded, negative errno: failed */
+	uint64_t charged;       /* bytes counted in s->snap_l1_bytes */
 	char what[64];
 };
 
@@ -161,7 +162,18 @@ static int snap_l1(struct snap_dev *sd)
 	pthread_mutex_lock(&sd->load_lock);
 	st = atomic_load_explicit(&sd->loaded, memory_order_relaxed);
 	if (!st) {
-		st = qcow2_load_l1(sd->s, &sd->l1, &e);
+		uint64_t bytes = (uint64_t)sd->l1.size * 8;
+
+		/* bounded memory: at most QCOW2_MAX_SNAP_L1_TOTAL of snapshot L1s */
+		if (__atomic_add_fetch(&sd->s->snap_l1_bytes, bytes, __ATOMIC_RELAXED) >
+		    QCOW2_MAX_SNAP_L1_TOTAL) {
+			__atomic_sub_fetch(&sd->s->snap_l1_bytes, bytes, __ATOMIC_RELAXED);
+			st = err_set(&e, -ENOMEM, "%s: %s: snapshot L1 tables in memory would exceed %" PRIu64 " MiB",
+				     sd->s->path, sd->what, QCOW2_MAX_SNAP_L1_TOTAL >> 20);
+		} else {
+			sd->charged = bytes;
+			st = qcow2_load_l1(sd->s, &sd->l1, &e);
+		}
 		if (st < 0)
 			log_warn("%s", e.msg);
 		atomic_store_explicit(&sd->loaded, st < 0 ? -EIO : 1, memory_order_release);
@@ -193,6 +205,7 @@ static void snap_close(struct bdev *d)
 	struct snap_dev *sd = d->priv;
 
 	pthread_mutex_destroy(&sd->load_lock);
+	__atomic_sub_fetch(&sd->s->snap_l1_bytes, sd->charged, __ATOMIC_RELAXED);
 	free(sd->l1.table);
 	free(sd);
 }
@@ -234,7 +247,8 @@ int qcow2_snapshot_open(struct bdev *d, unsigned i, struct bdev **out, struct er
 	/* An L1 shorter than the disk is allowed: the rest is unallocated
 	 * (qemu reads it that way; a disk grown after the snapshot does it). */
 	sd->l1.offset = sn->l1_offset;
-	sd->l1.size = sn->l1_size;
+	/* entries past the disk are never looked up: do not load them */
+	sd->l1.size = (uint32_t)MIN(sn->l1_size, qcow2_size_to_l1(s, sn->info.disk_size));
 	sd->l1.disk_size = sn->info.disk_size;
 	sd->l1.what = sd->what;
 	pthread_mutex_init(&sd->load_lock, NULL);

@@ -380,3 +380,21 @@ mounts_with() {
 	mounts_with one-byte.img disk
 	[ "$(stat -c %s mnt/disk)" -eq 1 ]
 }
+
+@test "16 snapshots sharing one 32 MiB L1: memory for snapshot L1s stays bounded (256 MiB)" {
+	mount_ro "$EVIL/snapshot-l1-shared.qcow2"
+	ok=0 eio=0
+	for i in $(seq 0 15); do
+		if block 0 1 "snap@big$i" >/dev/null; then
+			ok=$((ok + 1))
+		else
+			eio=$((eio + 1))
+		fi
+	done
+	rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$(last_pid)/status")
+	echo "# $ok snapshot L1s loaded, $eio refused; daemon VmRSS $rss kB" >&3
+	[ "$ok" -eq 8 ] && [ "$eio" -eq 8 ]
+	[ "$rss" -lt $((400 * 1024)) ]
+	reads_as 0 65536 11
+	alive "$(last_pid)"
+}

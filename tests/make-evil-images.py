@@ -290,6 +290,28 @@ def main():
     i = B("snap.qcow2"); so = i.snapshots_offset
     i.set16(so + 14, 0xffff); i.b = i.b[:so + 4096]; save(i, "snapshot-name-past-eof.qcow2")
 
+    # 16 snapshots of an 8 TiB disk sharing one 32 MiB L1 table (a sparse
+    # region at the end of the file): reading them all must not take 512 MiB
+    i = B("snap.qcow2"); so = i.snapshots_offset
+    id_len, name_len, extra = struct.unpack_from(">HHI", i.b, so + 12)[0], \
+        struct.unpack_from(">H", i.b, so + 14)[0], i.u32(so + 36)
+    assert extra >= 16
+    l1_off = (len(i.b) + CL - 1) // CL * CL
+    tbl_off = l1_off + (32 << 20)
+    table = bytearray()
+    for n in range(16):
+        ident, name = str(n + 1).encode(), b"big%d" % n
+        ent = bytearray(i.b[so:so + 40 + extra])
+        struct.pack_into(">QIHH", ent, 0, l1_off, 4 << 20, len(ident), len(name))
+        struct.pack_into(">I", ent, 32, 0)
+        struct.pack_into(">Q", ent, 48, 8 << 40)        # disk_size: 8 TiB
+        ent += ident + name
+        ent += bytes(-len(ent) % 8)
+        table += ent
+    i.b += bytes(tbl_off - len(i.b)) + table
+    i.set32(60, 16); i.set64(64, tbl_off)
+    save(i, "snapshot-l1-shared.qcow2")
+
     # ---- backing files -------------------------------------------------
     i = B("overlay.qcow2"); i.set32(16, 4096); save(i, "backing-name-4096.qcow2")
     i = B("overlay.qcow2")
