@@ -144,6 +144,14 @@ same_as_qemu() {
 	same_as_qemu disk 0 $((16 * MiB)) 8 300
 }
 
+@test "an odd-sized version 2 image without backing: discards unmap, the last cluster is partial" {
+	qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4096 a.qcow2 $((16 * MiB + 5 * 512))
+	fill a.qcow2
+	qemu-io -f qcow2 -c "write -P 0x5c $((16 * MiB - 1000)) 3560" a.qcow2 >/dev/null
+	cp a.qcow2 ref.qcow2
+	same_as_qemu disk 0 $((16 * MiB + 5 * 512)) 13 400
+}
+
 @test "lazy refcounts: written, closed clean" {
 	qemu-img create -q -f qcow2 -o lazy_refcounts=on a.qcow2 32M
 	fill a.qcow2
