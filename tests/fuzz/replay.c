@@ -73,7 +73,8 @@ static void collect(struct list *l, const char *path)
 		free(p);
 	}
 	closedir(d);
-	qsort(sub.v, sub.n, sizeof(*sub.v), cmp);
+	if (sub.n)
+		qsort(sub.v, sub.n, sizeof(*sub.v), cmp);
 	for (size_t i = 0; i < sub.n; i++) {
 		collect(l, sub.v[i]);
 		free(sub.v[i]);
