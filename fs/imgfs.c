@@ -38,6 +38,7 @@ struct cli {
 	int foreground, debug, single, verbose;
 	char *format;
 	int read_only, no_backing;
+	char *cache_size;
 	char *pid_file;
 	char *view;
 	int partition;
@@ -61,6 +62,8 @@ static const struct fuse_opt cli_opts[] = {
 	OPT("format=%s", format, 0),
 	OPT("--no-backing", no_backing, 1),
 	OPT("no_backing", no_backing, 1),
+	OPT("--cache-size=%s", cache_size, 0),
+	OPT("cache_size=%s", cache_size, 0),
 	OPT("--pid-file=%s", pid_file, 0),
 	OPT("pid_file=%s", pid_file, 0),
 	OPT("--view=%s", view, 0),
@@ -205,6 +208,8 @@ static void usage(FILE *f)
 "                         that starts with another format's magic is refused)\n"
 "  -r, --read-only        open the image read-only\n"
 "  --no-backing           do not open backing files (unallocated reads as zeroes)\n"
+"  --cache-size=SIZE      bound of the qcow2 L2 table cache, bytes or with a\n"
+"                         K, M or G suffix (default 32M; at least 16 slices)\n"
 "\n"
 "View options (file mounts):\n"
 "  --view=NAME            show view NAME (disk, pN, snap@NAME)\n"
@@ -225,8 +230,9 @@ static void usage(FILE *f)
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
-"                         no_backing, pid_file= (for fstab); mount(8)'s own\n"
-"                         (defaults, noauto, nofail, _netdev, x-*...) are ignored\n"
+"                         no_backing, cache_size=, pid_file= (for fstab);\n"
+"                         mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
+"                         x-*...) are ignored\n"
 "  --pid-file=PATH        write the daemon's pid to PATH\n"
 "  -v, --verbose          more log messages (twice: debug)\n"
 "  -h, --help             this text\n"
@@ -326,6 +332,34 @@ static int do_list(struct cli *c)
 }
 
 /* ---- mounting -------------------------------------------------------------- */
+
+/* "32M", "4096", "1G": bytes, binary suffixes; more than 0 */
+static int parse_cache_size(const char *s, uint64_t *out)
+{
+	unsigned long long v;
+	char *end;
+	unsigned shift = 0;
+
+	errno = 0;
+	if (*s < '0' || *s > '9')
+		return -EINVAL;
+	v = strtoull(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	}
+	if (*end == 'i' && end[1] == 'B')
+		end += 2;
+	else if (*end == 'B' && shift)
+		end++;
+	if (*end || v == 0 || v > (UINT64_MAX >> 1) >> shift)
+		return -EINVAL;
+	*out = (uint64_t)v << shift;
+	return 0;
+}
 
 static struct fs the_fs;
 
@@ -568,6 +602,11 @@ int main(int argc, char **argv)
 	o.read_only = c.read_only || c.snapshot ||
 		      (c.view && !strncmp(c.view, "snap@", 5));
 	o.no_backing = c.no_backing;
+	if (c.cache_size && parse_cache_size(c.cache_size, &o.cache_bytes) < 0) {
+		fprintf(stderr, "imgfs: --cache-size=%s: not a size (bytes, or a number with K, M or G)\n",
+			c.cache_size);
+		return EXIT_USAGE;
+	}
 	if (stat(c.image, &fs->image_st) < 0) {
 		fprintf(stderr, "imgfs: %s: %s\n", c.image, strerror(errno));
 		return EXIT_IMAGE;
