@@ -239,6 +239,28 @@ mounts_with() {
 	eio_only_there truncated-data.qcow2 $(((4 << 20) + 61440)) 0 11
 }
 
+@test "a write into an L2 entry that aliases the L1 table: EIO, the image marked corrupt, reads go on" {
+	local pidfile
+	pidfile=$(mktemp "$T/imgfs-pid.XXXXXX")
+	_MOUNTS+=("$T/mnt")
+	_PIDFILES+=("$pidfile")
+	cp "$EVIL/l2-entry-aliases-l1.qcow2" alias.qcow2
+	timeout 30 "$IMGFS" --pid-file="$pidfile" alias.qcow2 mnt
+	run timeout 30 dd if=/dev/zero of=mnt/disk bs=4k count=1 oflag=direct conv=notrunc status=none
+	[ "$status" -ne 0 ]
+	[[ "$output" == *"Input/output error"* ]]
+	reads_as $((4 << 20)) 65536 22
+	alive "$(cat "$pidfile")"
+	fusermount3 -u mnt
+	wait_gone "$(cat "$pidfile")"
+	qemu-img info alias.qcow2 | grep -q 'corrupt: true'
+	# and a writable open is now refused
+	run timeout 30 "$IMGFS" alias.qcow2 mnt
+	[ "$status" -eq 2 ]
+	[[ "$output" == *"marked corrupt"* ]]
+	not_mounted mnt
+}
+
 # ---- compressed clusters --------------------------------------------------------
 
 @test "a compressed descriptor past the end of the file gives EIO" {

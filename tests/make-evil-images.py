@@ -256,6 +256,11 @@ def main():
     i = B("base.qcow2"); e = i.l2_entry_off(0); i.set64(e, i.u64(e) | 1 << 60)
     save(i, "l2-entry-reserved-bits.qcow2")
 
+    # an L2 entry whose data cluster is the L1 table: a write there would
+    # rewrite the mapping (qemu's overlap check, iotest 060)
+    i = B("base.qcow2"); i.set64(i.l2_entry_off(0), COPIED | i.l1_offset)
+    save(i, "l2-entry-aliases-l1.qcow2")
+
     # ---- compressed clusters -------------------------------------------
     i = B("comp-zlib.qcow2"); e = i.l2_entry_off(0)
     i.set64(e, COMPRESSED | (1 << 40)); save(i, "compressed-past-eof.qcow2")
