@@ -760,7 +760,8 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 
 	/* 1 MiB requests: libfuse derives max_pages from max_write */
 	conn->max_write = FS_MAX_IO;
-	conn->max_readahead = FS_MAX_IO;
+	/* the kernel keeps min(this, the bdi's read_ahead_kb): main() raises the latter */
+	conn->max_readahead = FS_READAHEAD_KB * 1024;
 	conn->want |= FUSE_CAP_ASYNC_READ & conn->capable;
 	conn->want |= FUSE_CAP_PARALLEL_DIROPS & conn->capable;
 	/* our invalidations are explicit; mtime changes must not drop caches */
