@@ -247,32 +247,73 @@ static void build_partition_views(struct image *img, struct view ***arr, unsigne
 
 /*
  * Snapshot names become file names: one that is empty, not unique, too long,
- * or holds '/' or a control character is shown by ID instead (SPEC §3).
+ * starts with '#' or holds '/' or a control character is shown by ID instead
+ * (SPEC §3).  An ID that is not plain (letters, digits, '.', '_', '-'; qemu
+ * writes decimal numbers) or not unique is hostile: that snapshot is shown
+ * as snap@#?N, N its index, which no usable name or ID can collide with.
+ *
+ * Uniqueness is found by sorting, not by comparing every pair: an image may
+ * hold 65536 snapshots (65536^2 string compares took 27 s at open).
  */
-static bool snapshot_name_usable(struct bdev *q, unsigned idx)
+static bool name_chars_ok(const char *n)
 {
-	const struct qcow2_snapshot_info *s = qcow2_snapshot_get(q, idx);
-	unsigned n = qcow2_snapshot_count(q);
-
-	if (!s->name[0] || strlen(s->name) > NAME_MAX - 5)
+	if (!n[0] || n[0] == '#' || strlen(n) > NAME_MAX - 5)
 		return false;
-	for (const char *c = s->name; *c; c++)
+	for (const char *c = n; *c; c++)
 		if (*c == '/' || (unsigned char)*c < 0x20 || *c == 0x7f)
 			return false;
-	for (unsigned j = 0; j < n; j++)
-		if (j != idx && !strcmp(qcow2_snapshot_get(q, j)->name, s->name))
+	return true;
+}
+
+static bool id_chars_ok(const char *id)
+{
+	if (!id[0] || strlen(id) > NAME_MAX - 6)
+		return false;
+	for (const char *c = id; *c; c++)
+		if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') ||
+		      (*c >= 'A' && *c <= 'Z') || *c == '.' || *c == '_' || *c == '-'))
 			return false;
 	return true;
+}
+
+struct snap_key { const char *str; unsigned idx; };
+
+static int snap_key_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct snap_key *)a)->str, ((const struct snap_key *)b)->str);
+}
+
+/* dup[i] = the string of snapshot i (its name, or its ID) is not unique. */
+static void mark_duplicates(struct bdev *q, unsigned n, bool by_id, bool *dup)
+{
+	struct snap_key *k = xmalloc(sizeof(*k) * (n ? n : 1));
+
+	for (unsigned i = 0; i < n; i++) {
+		const struct qcow2_snapshot_info *s = qcow2_snapshot_get(q, i);
+
+		k[i].str = by_id ? s->id : s->name;
+		k[i].idx = i;
+	}
+	qsort(k, n, sizeof(*k), snap_key_cmp);
+	for (unsigned i = 0; i + 1 < n; i++)
+		if (!strcmp(k[i].str, k[i + 1].str))
+			dup[k[i].idx] = dup[k[i + 1].idx] = true;
+	free(k);
 }
 
 static int build_snapshot_views(struct image *img, struct view ***arr, unsigned *n,
 				struct err *e)
 {
+	bool *name_dup, *id_dup;
 	unsigned count;
 
 	if (strcmp(img->format, "qcow2"))
 		return 0;
 	count = qcow2_snapshot_count(img->top);
+	name_dup = xcalloc(count ? count : 1, sizeof(bool));
+	id_dup = xcalloc(count ? count : 1, sizeof(bool));
+	mark_duplicates(img->top, count, false, name_dup);
+	mark_duplicates(img->top, count, true, id_dup);
 	for (unsigned i = 0; i < count; i++) {
 		const struct qcow2_snapshot_info *s = qcow2_snapshot_get(img->top, i);
 		struct bdev *dev;
@@ -292,10 +333,12 @@ static int build_snapshot_views(struct image *img, struct view ***arr, unsigned 
 			}
 			continue;
 		}
-		if (snapshot_name_usable(img->top, i))
+		if (!name_dup[i] && name_chars_ok(s->name))
 			name = xasprintf("snap@%s", s->name);
-		else
+		else if (!id_dup[i] && id_chars_ok(s->id))
 			name = xasprintf("snap@#%s", s->id);
+		else
+			name = xasprintf("snap@#?%u", i + 1);
 		v = view_new(name, VIEW_SNAPSHOT, dev, UINT64_MAX, false);
 		free(name);
 		v->number = i;
@@ -315,6 +358,8 @@ static int build_snapshot_views(struct image *img, struct view ***arr, unsigned 
 				    (unsigned long long)s->vm_state_size);
 		views_append(arr, n, v);
 	}
+	free(name_dup);
+	free(id_dup);
 	return 0;
 }
 

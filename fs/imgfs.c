@@ -262,6 +262,18 @@ static void json_str(const char *s)
 	putchar('"');
 }
 
+/* A copy of s fit for a terminal: labels and snapshot names come from the
+ * image, and an escape sequence in one must not reach the user's tty. */
+static char *printable_dup(const char *s)
+{
+	char *p = xstrdup(s);
+
+	for (char *c = p; *c; c++)
+		if ((unsigned char)*c < 0x20 || *c == 0x7f)
+			*c = '?';
+	return p;
+}
+
 static const char *kind_name(enum view_kind k)
 {
 	return k == VIEW_DISK ? "disk" : k == VIEW_PARTITION ? "partition" : "snapshot";
@@ -321,9 +333,13 @@ static int do_list(struct cli *c)
 				snprintf(off, sizeof(off), "-");
 			else
 				snprintf(off, sizeof(off), "%llu", (unsigned long long)v->offset);
+			char *label = printable_dup(v->label), *info = printable_dup(v->info);
+
 			printf("%-20s %14s %16llu %-3s %-38s %s%s%s\n", v->name, off,
 			       (unsigned long long)v->length, v->writable ? "rw" : "ro",
-			       v->type, v->label, v->label[0] && v->info[0] ? " " : "", v->info);
+			       v->type, label, label[0] && info[0] ? " " : "", info);
+			free(label);
+			free(info);
 		}
 	}
 	free(views);

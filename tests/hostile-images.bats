@@ -319,6 +319,26 @@ mounts_with() {
 	reads_as $((4 << 20)) 65536 22
 }
 
+@test "65536 snapshots with distinct names open in bounded time" {
+	start=$(date +%s%N)
+	mount_ro "$EVIL/snapshot-65536-names.qcow2"
+	end=$(date +%s%N)
+	echo "# mount with 65536 snapshots: $(( (end - start) / 1000000 )) ms" >&3
+	[ $(( (end - start) / 1000000000 )) -lt 10 ]
+	[ "$(ls mnt | wc -l)" -eq 65537 ]
+	[ -f mnt/snap@n65535 ]
+}
+
+@test "snapshot names and IDs that are no file names: listed safely, never with '/' or escapes" {
+	mount_ro "$EVIL/snapshot-hostile-names.qcow2"
+	[ "$(cd mnt && ls | tr '\n' ' ')" = "disk snap@#7 snap@#?1 snap@#?3 snap@#?4 snap@ok " ]
+	reads_as 0 65536 11
+	run timeout 30 "$IMGFS" --list "$EVIL/snapshot-hostile-names.qcow2"
+	[ "$status" -eq 0 ]
+	[[ "$output" != *$'\e'* ]]
+	[[ "$output" == *"a?[31mred"* ]]
+}
+
 # ---- backing files --------------------------------------------------------------
 
 @test "a backing name of 4096 bytes is refused" {

@@ -317,6 +317,27 @@ def main():
     i.set32(60, 16); i.set64(64, tbl_off)
     save(i, "snapshot-l1-shared.qcow2")
 
+    # snapshot tables rebuilt from snap.qcow2's one entry, same L1
+    def snapshots(pairs, name):
+        i = B("snap.qcow2"); so = i.snapshots_offset
+        extra = i.u32(so + 36)
+        tbl_off = (len(i.b) + CL - 1) // CL * CL
+        table = bytearray()
+        for ident, nm in pairs:
+            ent = bytearray(i.b[so:so + 40 + extra])
+            struct.pack_into(">HH", ent, 12, len(ident), len(nm))
+            ent += ident + nm
+            table += ent + bytes(-len(ent) % 8)
+        i.b += bytes(tbl_off - len(i.b)) + table
+        i.set32(60, len(pairs)); i.set64(64, tbl_off)
+        save(i, name)
+    # 65536 snapshots, all names distinct: opening must not compare each pair
+    snapshots([(b"%d" % (n + 1), b"n%05d" % n) for n in range(65536)],
+              "snapshot-65536-names.qcow2")
+    # names and IDs that are not file names: '/', escapes, duplicates, '#'
+    snapshots([(b"../x", b""), (b"7", b"a\x1b[31mred"), (b"2", b"#2"),
+               (b"2", b""), (b"5", b"ok")], "snapshot-hostile-names.qcow2")
+
     # ---- backing files -------------------------------------------------
     i = B("overlay.qcow2"); i.set32(16, 4096); save(i, "backing-name-4096.qcow2")
     i = B("overlay.qcow2")
