@@ -95,12 +95,13 @@ static void setup(void)
 }
 
 /* Does a data-file extension anywhere in cluster 0 name something outside
- * our directory?  Conservative: any 8-aligned "DATA" magic counts. */
+ * our directory?  Conservative: a "DATA" magic at any byte counts (the
+ * extensions start at header_length, which need not be 8-aligned). */
 static bool names_host_file(const uint8_t *data, size_t size)
 {
 	size_t end = MIN(size, MAX_DIR_SCAN);
 
-	for (size_t off = 0; off + 8 <= end; off += 8) {
+	for (size_t off = 0; off + 8 <= end; off++) {
 		uint32_t len;
 		const uint8_t *name;
 
