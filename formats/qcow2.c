@@ -629,6 +629,12 @@ int qcow2_open(struct bdev *file, const char *path, bool writable,
 	s->l2_cache = qcow2_cache_new(s->file, s->slice_size, cache_bytes);
 	s->zcache = qcow2_zcache_new(s->cluster_size);
 
+	/* Without its backing file, a partial write would copy zeroes where
+	 * the backing file has data: such an image is only read. */
+	if (writable && s->backing_name && !s->backing) {
+		log_warn("%s: --no-backing: opened read-only (writes would hide the backing file's data)", path);
+		writable = false;
+	}
 	if (writable) {
 		r = qcow2_writer_open(s, e);
 		if (r < 0)

@@ -433,3 +433,12 @@ PY
 	wait_gone "$pid"
 	qemu-img check a.qcow2
 }
+
+@test "--no-backing on an overlay is read-only: a write would hide the backing data" {
+	qemu-img create -q -f qcow2 base.qcow2 8M
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 a.qcow2
+	mount_imgfs a.qcow2 mnt --no-backing
+	run dd if=/dev/zero of=mnt/disk bs=512 count=1 conv=notrunc status=none
+	[ "$status" -ne 0 ]
+	[ "$(stat -c %A mnt/disk)" = "-r--r--r--" ]
+}
