@@ -234,6 +234,40 @@ static void test_alloc_widths(void)
 	}
 }
 
+/* 512-byte clusters with 64-bit refcounts: a block covers 64 clusters and
+ * the first one-cluster table 2 MiB; 6 MiB of data grows it several times,
+ * the blocks cover themselves, the old tables are freed. */
+static void test_alloc_reftable_growth(void)
+{
+	char *img = tpath("grow.qcow2"), *raw = tpath("grow.raw");
+	size_t len = 6 << 20;
+	uint8_t *buf = g_malloc(len);
+	struct bdev *d;
+	struct qcow2 *s;
+	uint64_t rt_before;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 %s 8M", img);
+	for (size_t i = 0; i < len; i++)
+		buf[i] = (uint8_t)(i * 13 + (i >> 12));
+	d = open_rw(img);
+	s = qcow2_state(d);
+	rt_before = s->w->rt_entries;
+	for (size_t off = 0; off < len; off += 65536)
+		g_assert_cmpint(bdev_pwrite(d, buf + off, 65536, off, 0), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	g_assert_cmpuint(s->w->rt_entries, >, rt_before * 2);
+	g_assert_cmpuint(s->refcount_table_clusters, >, 1);
+	bdev_close(d);
+	assert_clean(img);
+	g_assert_true(g_file_set_contents(raw, (const char *)buf, len, NULL));
+	sh("truncate -s 8M %s && qemu-img compare -f qcow2 -F raw %s %s", raw, img, raw);
+	g_free(buf);
+	g_free(img);
+	g_free(raw);
+}
+
 /* ---- copy-on-write --------------------------------------------------------------- */
 
 static void test_cow_backing(void)
@@ -369,6 +403,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2-write/refcount/layout", test_rc_layout);
 	g_test_add_func("/qcow2-write/alloc/reuse", test_alloc_reuse);
 	g_test_add_func("/qcow2-write/alloc/widths", test_alloc_widths);
+	g_test_add_func("/qcow2-write/alloc/reftable-growth", test_alloc_reftable_growth);
 	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
 	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
 	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
