@@ -442,3 +442,27 @@ PY
 	[ "$status" -ne 0 ]
 	[ "$(stat -c %A mnt/disk)" = "-r--r--r--" ]
 }
+
+@test "imgfs refuses a qcow2 image qemu-nbd serves writable; readers share with a reader" {
+	qemu-img create -q -f qcow2 a.qcow2 8M
+	qemu-nbd -f qcow2 -k "$T/q.sock" a.qcow2 &
+	track_pid $!
+	for _ in $(seq 50); do [ -S "$T/q.sock" ] && break; sleep 0.1; done
+	run "$IMGFS" a.qcow2 mnt
+	[ "$status" -eq 2 ]
+	[[ "$output" == *"in use"* ]]
+	run "$IMGFS_NBD" -k "$T/n.sock" a.qcow2
+	[ "$status" -ne 0 ]
+	not_mounted mnt
+	kill "${_PIDS[-1]}"
+	wait_gone "${_PIDS[-1]}"
+	# qemu-nbd -r is a reader: a read-only mount gets in, a writable one not
+	qemu-nbd -r -f qcow2 -k "$T/r.sock" a.qcow2 &
+	track_pid $!
+	for _ in $(seq 50); do [ -S "$T/r.sock" ] && break; sleep 0.1; done
+	mount_imgfs a.qcow2 mnt -r
+	unmount_imgfs mnt
+	run "$IMGFS" a.qcow2 mnt
+	[ "$status" -eq 2 ]
+	not_mounted mnt
+}
