@@ -190,11 +190,15 @@ static void view_free(struct view *v)
 	free(v);
 }
 
+/* Every view array is built here from empty: its capacity is the next power
+ * of two, so appending 65536 snapshot views is not 65536 reallocations. */
 static void views_append(struct view ***arr, unsigned *n, struct view *v)
 {
-	*arr = realloc(*arr, sizeof(**arr) * (*n + 1));
-	if (!*arr)
-		abort();
+	if (*n == 0 || is_pow2(*n)) {
+		*arr = realloc(*arr, sizeof(**arr) * (*n ? *n * 2 : 1));
+		if (!*arr)
+			abort();
+	}
 	(*arr)[(*n)++] = v;
 }
 
