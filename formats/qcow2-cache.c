@@ -35,6 +35,9 @@ struct qcow2_cache {
 	pthread_mutex_t lock;
 	struct bdev *file;
 	uint32_t slice_size;
+	/* the write path's overlap check, run before each write-back */
+	int (*check)(void *opaque, uint64_t off, uint32_t len);
+	void *check_opaque;
 	unsigned max, count;
 	unsigned nbuckets;            /* power of two */
 	struct slice **buckets;
@@ -249,7 +252,9 @@ int qcow2_cache_flush(struct qcow2_cache *c)
 		pthread_mutex_unlock(&c->lock);
 		if (!found)
 			break;
-		r = bdev_pwrite(c->file, copy, c->slice_size, off, 0);
+		r = c->check ? c->check(c->check_opaque, off, c->slice_size) : 0;
+		if (r == 0)
+			r = bdev_pwrite(c->file, copy, c->slice_size, off, 0);
 		pthread_mutex_lock(&c->lock);
 		sl = find(c, off);
 		if (sl) {
@@ -263,6 +268,14 @@ int qcow2_cache_flush(struct qcow2_cache *c)
 	}
 	free(copy);
 	return r;
+}
+
+void qcow2_cache_set_check(struct qcow2_cache *c,
+			   int (*check)(void *opaque, uint64_t off, uint32_t len),
+			   void *opaque)
+{
+	c->check = check;
+	c->check_opaque = opaque;
 }
 
 void qcow2_cache_stats(struct qcow2_cache *c, uint64_t *hits, uint64_t *misses,

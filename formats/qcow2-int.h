@@ -218,6 +218,11 @@ int qcow2_cache_read(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 int qcow2_cache_write(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 		      const void *src, uint32_t n);
 int qcow2_cache_flush(struct qcow2_cache *c);
+/* A check run before each slice is written back (the overlap check); a
+ * negative return leaves the slice dirty and fails the flush. */
+void qcow2_cache_set_check(struct qcow2_cache *c,
+			   int (*check)(void *opaque, uint64_t off, uint32_t len),
+			   void *opaque);
 /* Statistics for tests. */
 void qcow2_cache_stats(struct qcow2_cache *c, uint64_t *hits, uint64_t *misses,
 		       unsigned *entries);

@@ -697,6 +697,12 @@ int qcow2_dev_discard(struct bdev *d, uint64_t off, uint64_t len)
 
 /* ---- open / close ---------------------------------------------------------- */
 
+/* L2 slices are written back only into active L2 tables. */
+static int l2_overlap_check(void *opaque, uint64_t off, uint32_t len)
+{
+	return qcow2_overlap_check(opaque, off, len, QM_L2);
+}
+
 int qcow2_writer_open(struct qcow2 *s, struct err *e)
 {
 	struct qcow2_writer *w = xcalloc(1, sizeof(*w));
@@ -712,6 +718,8 @@ int qcow2_writer_open(struct qcow2 *s, struct err *e)
 	r = qcow2_rc_init(s, e);
 	if (r == 0)
 		r = qcow2_meta_build(s, e);
+	if (r == 0)
+		qcow2_cache_set_check(s->l2_cache, l2_overlap_check, s);
 	if (r == 0 && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
 		/* autoclear bits (bitmaps) go first: the rebuild does not count
 		 * bitmap clusters, so the bitmaps must stop being valid */
@@ -725,6 +733,7 @@ int qcow2_writer_open(struct qcow2 *s, struct err *e)
 	}
 	if (r < 0) {
 		/* nothing was changed: no flush, no header */
+		qcow2_cache_set_check(s->l2_cache, NULL, NULL);
 		qcow2_rc_free(s);
 		qcow2_mset_free(&w->meta);
 		free(w->l1_dirty);
@@ -757,6 +766,7 @@ void qcow2_writer_close(struct qcow2 *s)
 		log_err("%s: closing the image failed: %s; it may need qemu-img check -r all",
 			s->path, strerror(-r));
 	pthread_mutex_unlock(&w->lock);
+	qcow2_cache_set_check(s->l2_cache, NULL, NULL);
 	qcow2_rc_free(s);
 	qcow2_mset_free(&w->meta);
 	free(w->l1_dirty);
