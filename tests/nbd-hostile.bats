@@ -262,7 +262,7 @@ PY
 		wait "$p"
 	done
 	cat slow*.out
-	[ "$(grep -c 'dropped after [234] s' slow*.out | awk -F: '{ s += $2 } END { print s }')" -eq 3 ]
+	[ "$(grep -c 'dropped after [2-6] s' slow*.out | awk -F: '{ s += $2 } END { print s }')" -eq 3 ]
 	alive "$NBD_PID"
 }
 
