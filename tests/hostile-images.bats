@@ -440,3 +440,14 @@ mounts_with() {
 	reads_as 0 65536 11
 	alive "$(last_pid)"
 }
+
+@test "over NBD too: the damaged cluster is EIO for that request only, the server stays up" {
+	"$IMGFS_NBD" --fork --pid-file="$T/nbd.pid" -k "$T/nbd.sock" -t -r "$EVIL/l2-entry-past-eof.qcow2"
+	track_pid "$(cat "$T/nbd.pid")"
+	uri="nbd+unix:///?socket=$T/nbd.sock"
+	run timeout 30 qemu-io -f raw -r -c 'read 0 4k' "$uri"
+	[[ "$output" == *"Input/output error"* ]]
+	run timeout 30 qemu-io -f raw -r -c "read -P 0x22 $((4 << 20)) 64k" -c 'read -P 0x11 4k 60k' "$uri"
+	[ "$(grep -c 'read .*/.* bytes' <<<"$output")" -eq 2 ]
+	alive "$(cat "$T/nbd.pid")"
+}

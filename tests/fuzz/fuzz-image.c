@@ -168,7 +168,7 @@ static void walk_view(struct view *v)
 	/* the edges, whatever the walk does */
 	read_range(d, 0, MIN(size, 4096), 4096, false, &budget);
 	if (size > 4096)
-		read_range(d, size - MIN(size, 4096) , MIN(size, 4096), 1536, false, &budget);
+		read_range(d, size - MIN(size, 4096), MIN(size, 4096), 1536, false, &budget);
 	/* an unaligned read across the first clusters */
 	if (size > 1024)
 		read_range(d, 513, MIN(size - 513, 3 * 65536), 65536 - 512, false, &budget);
