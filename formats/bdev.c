@@ -123,6 +123,17 @@ int bdev_block_status(struct bdev *d, uint64_t off, uint64_t len,
 	return r;
 }
 
+int bdev_resize(struct bdev *d, uint64_t size)
+{
+	if (d->read_only)
+		return -EROFS;
+	if (size == d->size)
+		return 0;
+	if (size < d->size || !d->ops->resize)
+		return -ENOTSUP;
+	return d->ops->resize(d, size);
+}
+
 void bdev_close(struct bdev *d)
 {
 	if (!d)

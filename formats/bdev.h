@@ -46,6 +46,8 @@ struct bdev_ops {
 	int (*block_status)(struct bdev *, uint64_t off, uint64_t len,
 			    uint64_t *run, unsigned *status, unsigned *depth);
 	void (*close)(struct bdev *);
+	/* Grow to size bytes (the device updates its own size); optional. */
+	int (*resize)(struct bdev *, uint64_t size);
 };
 
 struct bdev {
@@ -70,6 +72,8 @@ int bdev_flush(struct bdev *);
 int bdev_block_status(struct bdev *, uint64_t off, uint64_t len,
 		      uint64_t *run, unsigned *status, unsigned *depth);
 void bdev_close(struct bdev *);
+/* Grow a device: -ENOTSUP if it cannot (or for shrinking), -EROFS read-only. */
+int bdev_resize(struct bdev *, uint64_t size);
 
 /*
  * A zeroed bdev with ops set, for implementations; never fails (aborts on OOM).

@@ -77,6 +77,27 @@ static int disk_block_status(struct bdev *d, uint64_t off, uint64_t len,
 	return bdev_block_status(IMG(d)->top, off, len, run, status, depth);
 }
 
+/* Grow the disk (qcow2: like qemu-img resize); the disk view follows,
+ * partitions stay where they are, the table is read again (a GPT's backup
+ * belongs at the end). */
+static int disk_resize(struct bdev *d, uint64_t size)
+{
+	struct image *img = IMG(d);
+	uint64_t old = d->size;
+	int r = bdev_resize(img->top, size);
+
+	if (r < 0)
+		return r;
+	pthread_rwlock_wrlock(&img->views_lock);
+	for (unsigned i = 0; i < img->nviews; i++)
+		if (img->views[i]->kind == VIEW_DISK)
+			__atomic_store_n(&img->views[i]->length, size, __ATOMIC_RELEASE);
+	pthread_rwlock_unlock(&img->views_lock);
+	__atomic_store_n(&d->size, size, __ATOMIC_RELEASE);
+	announce(img, old, size - old);
+	return 0;
+}
+
 static const struct bdev_ops disk_ops = {
 	.pread = disk_pread,
 	.pwrite = disk_pwrite,
@@ -85,6 +106,7 @@ static const struct bdev_ops disk_ops = {
 	.flush = disk_flush,
 	.block_status = disk_block_status,
 	.close = NULL, /* the image owns top */
+	.resize = disk_resize,
 };
 
 /* ---- observers --------------------------------------------------------- */

@@ -630,20 +630,15 @@ int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 	return r;
 }
 
-/* Zero [off, off+len): whole units by L2 entries, the rest as real zeroes. */
-static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
+/* Zero [off, off+len) with its clusters' in-flight range held. */
+static int zero_range_held(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
 {
-	struct qcow2_writer *w = s->w;
 	uint64_t unit = 1ull << s->subcluster_bits, end = off + len, zend = end;
-	struct qcow2_inflight me;
 	int r = 0;
 
-	if (!w || atomic_load(&w->corrupt))
-		return -EIO;
 	/* the disk's last, partial cluster counts as whole (nothing past it) */
 	if (end == s->size)
 		zend = align_up(end, s->cluster_size);
-	range_lock(w, &me, off >> s->cluster_bits, (end - 1) >> s->cluster_bits);
 	for (uint64_t pos = off; pos < end && r == 0;) {
 		uint64_t cl = pos >> s->cluster_bits, cstart = cl << s->cluster_bits;
 		uint64_t cend = MIN(cstart + s->cluster_size, end);
@@ -666,6 +661,20 @@ static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, b
 		}
 		pos = cend;
 	}
+	return r;
+}
+
+/* Zero [off, off+len): whole units by L2 entries, the rest as real zeroes. */
+static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
+{
+	struct qcow2_writer *w = s->w;
+	struct qcow2_inflight me;
+	int r;
+
+	if (!w || atomic_load(&w->corrupt))
+		return -EIO;
+	range_lock(w, &me, off >> s->cluster_bits, (off + len - 1) >> s->cluster_bits);
+	r = zero_range_held(s, off, len, unmap, by_entries);
 	range_unlock(w, &me);
 	maybe_flush(s);
 	return r;
@@ -693,6 +702,114 @@ int qcow2_dev_discard(struct bdev *d, uint64_t off, uint64_t len)
 	struct qcow2 *s = d->priv;
 
 	return zero_range(s, off, len, true, !(s->version < 3 && s->backing));
+}
+
+/* ---- resize ------------------------------------------------------------------ */
+
+/*
+ * A larger L1 table (qemu's qcow2_grow_l1_table order): allocate, refcounts
+ * durable, the new table written and synced, then the header names it
+ * (synced), then the old table is freed.  Readers may still hold the old
+ * array: it is kept until close.  Lock held.
+ */
+static int grow_l1(struct qcow2 *s, uint64_t entries)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t bytes = entries * 8, n = (bytes + s->cluster_size - 1) >> s->cluster_bits;
+	uint64_t old_clusters = ((uint64_t)s->l1.size * 8 + s->cluster_size - 1) >> s->cluster_bits;
+	uint64_t off, *table;
+	uint8_t *buf, h[12];
+	int r;
+
+	r = qcow2_meta_flush(s); /* the old table is current on disk */
+	if (r == 0)
+		r = qcow2_alloc_clusters(s, n, &off);
+	if (r == 0)
+		r = qcow2_rc_write(s);
+	if (r == 0)
+		r = bdev_flush(s->file);
+	if (r < 0)
+		return r;
+	table = xcalloc(entries, 8);
+	memcpy(table, s->l1.table, (size_t)s->l1.size * 8);
+	buf = xcalloc(n, s->cluster_size);
+	for (uint64_t i = 0; i < entries; i++)
+		put_be64(buf + i * 8, table[i]);
+	r = qcow2_overlap_check(s, off, n << s->cluster_bits, 0);
+	if (r == 0)
+		r = bdev_pwrite(s->file, buf, n << s->cluster_bits, off, BDEV_FUA);
+	free(buf);
+	if (r == 0) {
+		put_be32(h, (uint32_t)entries);
+		put_be64(h + 4, off);
+		r = qcow2_header_write(s, 36, h, sizeof(h));
+	}
+	if (r < 0) {
+		free(table);
+		qcow2_free_later(s, off, n);
+		return r;
+	}
+	for (uint64_t c = 0; c < old_clusters; c++)
+		qcow2_mset_clear(&w->meta, (s->l1.offset >> s->cluster_bits) + c, QM_L1);
+	for (uint64_t c = 0; c < n; c++)
+		qcow2_mset_put(&w->meta, (off >> s->cluster_bits) + c, QM_L1);
+	if (old_clusters)
+		qcow2_free_later(s, s->l1.offset, old_clusters);
+	w->l1_retired = realloc(w->l1_retired, (w->nl1_retired + 1) * sizeof(*w->l1_retired));
+	if (!w->l1_retired)
+		abort();
+	w->l1_retired[w->nl1_retired++] = s->l1.table;
+	free(w->l1_dirty);
+	w->l1_dirty = xcalloc(n, 1);
+	w->any_l1_dirty = false;
+	/* the table before its size: a reader never indexes past its array */
+	__atomic_store_n(&s->l1.table, table, __ATOMIC_RELEASE);
+	__atomic_store_n(&s->l1.offset, off, __ATOMIC_RELEASE);
+	__atomic_store_n(&s->l1.size, (uint32_t)entries, __ATOMIC_RELEASE);
+	return 0;
+}
+
+int qcow2_dev_resize(struct bdev *d, uint64_t size)
+{
+	struct qcow2 *s = d->priv;
+	struct qcow2_writer *w = s->w;
+	uint64_t old = s->size;
+	struct qcow2_inflight me;
+	uint8_t h[8];
+	int r;
+
+	if (!w || atomic_load(&w->corrupt))
+		return -EIO;
+	if (size < old)
+		return -ENOTSUP; /* shrinking would drop data: refused */
+	if (size == old)
+		return 0;
+	if (size > INT64_MAX || qcow2_size_to_l1(s, size) > QCOW2_MAX_L1_BYTES / 8)
+		return -EFBIG;
+	/* nothing can be in flight past the old end; hold it all the same */
+	range_lock(w, &me, old >> s->cluster_bits, (size - 1) >> s->cluster_bits);
+	pthread_mutex_lock(&w->lock);
+	r = ensure_header(s);
+	if (r == 0 && qcow2_size_to_l1(s, size) > s->l1.size)
+		r = grow_l1(s, qcow2_size_to_l1(s, size));
+	if (r == 0) {
+		put_be64(h, size);
+		r = qcow2_header_write(s, 24, h, sizeof(h));
+	}
+	if (r == 0) {
+		s->size = size;
+		s->l1.disk_size = size;
+	}
+	pthread_mutex_unlock(&w->lock);
+	/* the new area reads as zeroes, not as what a backing file has there
+	 * (qemu zeroes it the same way) */
+	if (r == 0 && s->backing && s->backing->size > old)
+		r = zero_range_held(s, old, MIN(size, align_up(s->backing->size, s->cluster_size)) - old,
+				    true, !(s->version < 3));
+	range_unlock(w, &me);
+	if (r == 0)
+		__atomic_store_n(&d->size, size, __ATOMIC_RELEASE);
+	return r;
 }
 
 /* ---- open / close ---------------------------------------------------------- */
@@ -770,6 +887,9 @@ void qcow2_writer_close(struct qcow2 *s)
 	qcow2_rc_free(s);
 	qcow2_mset_free(&w->meta);
 	free(w->l1_dirty);
+	for (unsigned i = 0; i < w->nl1_retired; i++)
+		free(w->l1_retired[i]);
+	free(w->l1_retired);
 	pthread_cond_destroy(&w->cond);
 	pthread_mutex_destroy(&w->lock);
 	free(w);

@@ -91,6 +91,8 @@ struct qcow2_writer {
 
 	/* L1 clusters to write */
 	uint8_t *l1_dirty;
+	uint64_t **l1_retired;  /* tables replaced by a grown L1: readers may hold them */
+	unsigned nl1_retired;
 	bool any_l1_dirty;
 	unsigned updates;       /* metadata changes since the last flush */
 
@@ -151,5 +153,7 @@ int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 int qcow2_dev_zero(struct bdev *d, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_dev_discard(struct bdev *d, uint64_t off, uint64_t len);
 int qcow2_dev_flush(struct bdev *d);
+/* Grow the virtual disk (like qemu-img resize); shrinking is -ENOTSUP. */
+int qcow2_dev_resize(struct bdev *d, uint64_t size);
 
 #endif

@@ -582,6 +582,7 @@ static const struct bdev_ops qcow2_ops = {
 	.flush = qcow2_dev_flush,
 	.block_status = qcow2_dev_status,
 	.close = qcow2_dev_close,
+	.resize = qcow2_dev_resize,
 };
 
 int qcow2_open(struct bdev *file, const char *path, bool writable,

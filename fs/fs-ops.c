@@ -286,6 +286,24 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
 		fuse_reply_err(req, EPERM);
 		return;
 	}
+	if ((to_set & FUSE_SET_ATTR_SIZE) && attr->st_size > st.st_size) {
+		/* growing the disk view grows the image (qemu-img resize) */
+		struct fs_node *n = node_by_ino(fs, ino);
+		struct view *v = n ? node_view(fs, n) : NULL;
+
+		r = v && v->kind == VIEW_DISK && v->writable ?
+			bdev_resize(v->dev, (uint64_t)attr->st_size) : -ENOTSUP;
+		if (r == 0 && node_stat(fs, ino, &st) == 0) {
+			fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+			return;
+		}
+		if (r < 0 && r != -ENOTSUP) {
+			fs_log_refusal(fs, ino_name(fs, ino), "truncate", (uint64_t)attr->st_size, 0, -r,
+				       "growing the image failed");
+			fuse_reply_err(req, -r);
+			return;
+		}
+	}
 	if ((to_set & FUSE_SET_ATTR_SIZE) && attr->st_size != st.st_size) {
 		int e = S_ISDIR(st.st_mode) ? EISDIR : (st.st_mode & 0222) ? EPERM : EROFS;
 

@@ -466,3 +466,41 @@ PY
 	[ "$status" -eq 2 ]
 	not_mounted mnt
 }
+
+@test "truncate grows the disk view like qemu-img resize (the L1 table grows); shrinking is refused" {
+	qemu-img create -q -f qcow2 -o cluster_size=512 a.qcow2 1M
+	qemu-io -c "write -P 0x11 0 1M" a.qcow2 >/dev/null
+	qemu-img snapshot -c s a.qcow2
+	cp a.qcow2 ref.qcow2
+	mount_imgfs a.qcow2 mnt
+	truncate -s 64M mnt/disk
+	[ "$(stat -c %s mnt/disk)" = $((64 * MiB)) ]
+	[ "$(stat -c %s mnt/snap@s)" = $((1 * MiB)) ]
+	printf 'at the end' | dd of=mnt/disk bs=1 seek=$((64 * MiB - 10)) conv=notrunc status=none
+	run truncate -s 32M mnt/disk
+	[ "$status" -ne 0 ]
+	[ "$(stat -c %s mnt/disk)" = $((64 * MiB)) ]
+	unmount_imgfs mnt
+	qemu-img resize -q ref.qcow2 64M
+	qemu-io -c "write -P 0x61 $((64 * MiB - 10)) 1" ref.qcow2 >/dev/null
+	qemu-img check a.qcow2
+	[ "$(qemu-img info --output=json a.qcow2 | grep -o '"virtual-size": [0-9]*')" = "\"virtual-size\": $((64 * MiB))" ]
+	cmp -n 1M <(qemu-img convert -O raw a.qcow2 /dev/stdout) <(qemu-img convert -O raw ref.qcow2 /dev/stdout)
+	qemu_raw a.qcow2 out.raw
+	[ "$(tail -c 10 out.raw)" = "at the end" ]
+	qemu_raw a.qcow2 s.raw -l snapshot.name=s
+	cmp -n 1M s.raw <(head -c 1M /dev/zero | tr '\0' '\021')
+}
+
+@test "growing an overlay hides the backing file's data past the old end, as qemu-img resize does" {
+	pattern_file back.raw $((8 * MiB)) 51
+	qemu-img create -q -f qcow2 -b back.raw -F raw a.qcow2 1000000
+	qemu-io -f qcow2 -c "write -P 0x22 4096 1000" a.qcow2 >/dev/null
+	cp a.qcow2 ref.qcow2
+	mount_imgfs a.qcow2 mnt
+	truncate -s 8M mnt/disk
+	unmount_imgfs mnt
+	qemu-img resize -q ref.qcow2 8M
+	qemu-img compare a.qcow2 ref.qcow2
+	qemu-img check a.qcow2
+}
