@@ -108,13 +108,10 @@ static void mset_range(struct qcow2 *s, uint64_t off, uint64_t len, unsigned cls
 
 static uint64_t snapshot_table_bytes(const struct qcow2 *s)
 {
-	uint64_t n = 0;
-
-	/* § "Snapshot table": 40 bytes, extra data, ID, name, padded to 8 */
-	for (unsigned i = 0; i < s->nsnaps; i++)
-		n += align_up(40 + s->snaps[i].extra_size + strlen(s->snaps[i].info.id) +
-			      strlen(s->snaps[i].info.name), 8);
-	return n;
+	/* § "Snapshot table": the bytes the parser walked.  Not the sum of
+	 * strlen(id) and strlen(name): a hostile ID or name may hold a NUL,
+	 * and the protected range would then stop short of the table's end. */
+	return s->snapshots_size;
 }
 
 int qcow2_meta_build(struct qcow2 *s, struct err *e)

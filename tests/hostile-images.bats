@@ -261,6 +261,24 @@ mounts_with() {
 	not_mounted mnt
 }
 
+@test "a snapshot name with a NUL: the whole snapshot table stays protected from writes" {
+	local pidfile
+	pidfile=$(mktemp "$T/imgfs-pid.XXXXXX")
+	_MOUNTS+=("$T/mnt")
+	_PIDFILES+=("$pidfile")
+	cp "$EVIL/snapshot-name-nul.qcow2" nul.qcow2
+	timeout 30 "$IMGFS" --pid-file="$pidfile" nul.qcow2 mnt
+	run timeout 30 dd if=/dev/zero of=mnt/disk bs=4k count=1 oflag=direct conv=notrunc status=none
+	[ "$status" -ne 0 ]
+	[[ "$output" == *"Input/output error"* ]]
+	alive "$(cat "$pidfile")"
+	fusermount3 -u mnt
+	wait_gone "$(cat "$pidfile")"
+	qemu-img info nul.qcow2 | grep -q 'corrupt: true'
+	# the table is intact: its one snapshot is still listed
+	qemu-img snapshot -l nul.qcow2 | grep -q '^1 '
+}
+
 # ---- compressed clusters --------------------------------------------------------
 
 @test "a compressed descriptor past the end of the file gives EIO" {

@@ -338,6 +338,21 @@ def main():
     snapshots([(b"../x", b""), (b"7", b"a\x1b[31mred"), (b"2", b"#2"),
                (b"2", b""), (b"5", b"ok")], "snapshot-hostile-names.qcow2")
 
+    # a snapshot name with a NUL early and 5000 bytes after it (the table
+    # spans two clusters, its strings' strlen one), refcounted as qemu
+    # would, and guest cluster 0 mapped onto the table's second cluster:
+    # a write there must be caught by the overlap check, not land in the
+    # table
+    snapshots([(b"1", b"a\0" + b"b" * 5000)], "snapshot-name-nul.qcow2")
+    i = Image(os.path.join(out, "snapshot-name-nul.qcow2"))
+    so = i.snapshots_offset
+    i.b += bytes(-len(i.b) % CL)
+    refblock = i.u64(i.reftable_offset) & OFFSET_MASK
+    for c in range(so // CL, len(i.b) // CL):
+        struct.pack_into(">H", i.b, refblock + 2 * c, 1)
+    i.set64(i.l2_entry_off(0), COPIED | (so + CL))
+    i.save(os.path.join(out, "snapshot-name-nul.qcow2"))
+
     # ---- backing files -------------------------------------------------
     i = B("overlay.qcow2"); i.set32(16, 4096); save(i, "backing-name-4096.qcow2")
     i = B("overlay.qcow2")
