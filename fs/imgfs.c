@@ -558,6 +558,13 @@ int main(int argc, char **argv)
 	 * allocations stay in glibc's per-thread caches. */
 	mallopt(M_ARENA_MAX, 1);
 
+	/* A daemon keeps no descriptor it did not open: an inherited pipe
+	 * (a test runner's, a shell's $(...)) would otherwise stay open as long
+	 * as the mount and make its reader wait for us.  fusermount3 hands a
+	 * descriptor to the programs it runs in _FUSE_COMMFD: keep that case. */
+	if (!getenv("_FUSE_COMMFD"))
+		close_range(3, ~0u, 0);
+
 	if (fuse_opt_parse(&args, &c, cli_opts, cli_proc) < 0 || c.bad) {
 		fuse_opt_free_args(&args);
 		return EXIT_USAGE;

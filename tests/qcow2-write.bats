@@ -448,6 +448,7 @@ PY
 	qemu-nbd -f qcow2 -k "$T/q.sock" a.qcow2 &
 	track_pid $!
 	for _ in $(seq 50); do [ -S "$T/q.sock" ] && break; sleep 0.1; done
+	[ -S "$T/q.sock" ]
 	run "$IMGFS" a.qcow2 mnt
 	[ "$status" -eq 2 ]
 	[[ "$output" == *"in use"* ]]
@@ -460,6 +461,7 @@ PY
 	qemu-nbd -r -f qcow2 -k "$T/r.sock" a.qcow2 &
 	track_pid $!
 	for _ in $(seq 50); do [ -S "$T/r.sock" ] && break; sleep 0.1; done
+	[ -S "$T/r.sock" ]
 	mount_imgfs a.qcow2 mnt -r
 	unmount_imgfs mnt
 	run "$IMGFS" a.qcow2 mnt

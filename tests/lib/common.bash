@@ -98,6 +98,16 @@ common_teardown() {
 			umount -l "$m" 2>/dev/null
 		fi
 	done
+	# a mount the test did not expect to succeed: unmounting ends its daemon
+	local mp
+	while read -r _ mp _; do
+		case "$mp" in
+		"$BATS_TEST_TMPDIR"/*)
+			echo "teardown: unmounting stray $mp" >&2
+			fusermount3 -u "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null
+			;;
+		esac
+	done < <(grep ' fuse' /proc/self/mounts)
 	cd / || true
 }
 
