@@ -18,6 +18,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
@@ -531,6 +532,11 @@ int main(int argc, char **argv)
 	bool bridge = false;
 
 	log_set_prog("imgfs-nbd");
+	/* Request buffers (up to 32 MiB) always from mmap, returned when
+	 * freed: glibc's threshold would otherwise rise to 32 MiB after the
+	 * first free and the heap would keep them (memory per client must stay
+	 * bounded after clients go away). */
+	mallopt(M_MMAP_THRESHOLD, 1 << 20);
 	r = parse_args(argc, argv, &c);
 	if (r)
 		return r;

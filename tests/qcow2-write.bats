@@ -447,7 +447,7 @@ PY
 	qemu-img create -q -f qcow2 a.qcow2 8M
 	qemu-nbd -f qcow2 -k "$T/q.sock" a.qcow2 &
 	track_pid $!
-	for _ in $(seq 50); do [ -S "$T/q.sock" ] && break; sleep 0.1; done
+	for _ in $(seq 300); do [ -S "$T/q.sock" ] && break; sleep 0.1; done
 	[ -S "$T/q.sock" ]
 	run "$IMGFS" a.qcow2 mnt
 	[ "$status" -eq 2 ]
@@ -460,7 +460,7 @@ PY
 	# qemu-nbd -r is a reader: a read-only mount gets in, a writable one not
 	qemu-nbd -r -f qcow2 -k "$T/r.sock" a.qcow2 &
 	track_pid $!
-	for _ in $(seq 50); do [ -S "$T/r.sock" ] && break; sleep 0.1; done
+	for _ in $(seq 300); do [ -S "$T/r.sock" ] && break; sleep 0.1; done
 	[ -S "$T/r.sock" ]
 	mount_imgfs a.qcow2 mnt -r
 	unmount_imgfs mnt
