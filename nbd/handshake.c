@@ -160,6 +160,21 @@ static char *dup_str(const uint8_t *p, size_t n)
 }
 
 /* NBD_OPT_INFO and NBD_OPT_GO share their request and replies. */
+/*
+ * The client has chosen export x (named name, which this frees): enter
+ * transmission with it.  Contexts chosen for another export do not carry
+ * over (proto.md).
+ */
+static void select_export(struct nbd_conn *c, char *name, const struct nbd_export *x)
+{
+	if (c->meta_export && strcmp(c->meta_export, name) != 0)
+		c->ctx_base = c->ctx_depth = false;
+	free(name);
+	c->expv = *x;
+	c->exp = &c->expv;
+	c->tflags = nbd_export_tflags(c, x);
+}
+
 static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 				   const uint8_t *p, uint32_t len)
 {
@@ -218,13 +233,7 @@ static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 		free(name);
 		return OPT_CONTINUE;
 	}
-	/* Contexts chosen for another export do not carry over (proto.md). */
-	if (c->meta_export && strcmp(c->meta_export, name) != 0)
-		c->ctx_base = c->ctx_depth = false;
-	free(name);
-	c->expv = *x;
-	c->exp = &c->expv;
-	c->tflags = nbd_export_tflags(c, x);
+	select_export(c, name, x);
 	return OPT_TRANSMIT;
 close:
 	free(name);
@@ -247,12 +256,7 @@ static enum opt_result opt_export_name(struct nbd_conn *c, const uint8_t *p,
 		free(name);
 		return OPT_CLOSE;
 	}
-	if (c->meta_export && strcmp(c->meta_export, name) != 0)
-		c->ctx_base = c->ctx_depth = false;
-	free(name);
-	c->expv = *x;
-	c->exp = &c->expv;
-	c->tflags = nbd_export_tflags(c, x);
+	select_export(c, name, x);
 	put_be64(b, x->dev->size);
 	put_be16(b + 8, c->tflags);
 	if (nbd_conn_send(c, b, c->no_zeroes ? 10 : sizeof(b)) < 0)

@@ -20,53 +20,7 @@
 #include "image.h"
 #include "qcow2-write.h"
 
-static char *tmpdir;
-static unsigned seq;
-
-static bool have_qemu(void)
-{
-	char *a = g_find_program_in_path("qemu-img");
-	char *b = g_find_program_in_path("qemu-io");
-	bool have = a && b;
-
-	g_free(a);
-	g_free(b);
-	if (!have)
-		g_test_skip("qemu-img/qemu-io not installed");
-	return have;
-}
-
-static char *tpath(const char *name)
-{
-	return g_strdup_printf("%s/%u-%s", tmpdir, seq++, name);
-}
-
-/* Run a shell command; returns its exit status; output in *out if asked. */
-static int shs(char **out, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
-static int shs(char **out, const char *fmt, ...)
-{
-	gchar *o = NULL, *eo = NULL;
-	GError *err = NULL;
-	gint status = 0;
-	va_list ap;
-	char *cmd;
-	gchar *argv[] = { (gchar *)"/bin/sh", (gchar *)"-c", NULL, NULL };
-
-	va_start(ap, fmt);
-	cmd = g_strdup_vprintf(fmt, ap);
-	va_end(ap);
-	argv[2] = cmd;
-	if (!g_spawn_sync(NULL, argv, NULL, G_SPAWN_DEFAULT, NULL, NULL, &o, &eo, &status, &err))
-		g_error("spawn %s: %s", cmd, err->message);
-	if (out)
-		*out = g_strconcat(o, eo, NULL);
-	g_free(o);
-	g_free(eo);
-	g_free(cmd);
-	return WIFEXITED(status) ? WEXITSTATUS(status) : 255;
-}
-
-#define sh(...) g_assert_cmpint(shs(NULL, __VA_ARGS__), ==, 0)
+#include "qemu-helpers.h"
 
 static struct image_opts opts;
 

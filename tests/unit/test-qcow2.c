@@ -21,56 +21,7 @@
 #include "image.h"
 #include "qcow2-int.h"
 
-static char *tmpdir;
-static unsigned seq;
-
-/* ---- helpers ----------------------------------------------------------- */
-
-static bool have_qemu(void)
-{
-	static int have = -1;
-
-	if (have < 0) {
-		char *a = g_find_program_in_path("qemu-img");
-		char *b = g_find_program_in_path("qemu-io");
-
-		have = a && b;
-		g_free(a);
-		g_free(b);
-	}
-	if (!have)
-		g_test_skip("qemu-img/qemu-io not installed");
-	return have;
-}
-
-/* A fresh path in the temp dir. */
-static char *tpath(const char *name)
-{
-	return g_strdup_printf("%s/%u-%s", tmpdir, seq++, name);
-}
-
-static void sh(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static void sh(const char *fmt, ...)
-{
-	gchar *out = NULL, *errout = NULL;
-	GError *err = NULL;
-	gint status = 0;
-	va_list ap;
-	char *cmd;
-	gchar *argv[] = { (gchar *)"/bin/sh", (gchar *)"-c", NULL, NULL };
-
-	va_start(ap, fmt);
-	cmd = g_strdup_vprintf(fmt, ap);
-	va_end(ap);
-	argv[2] = cmd;
-	if (!g_spawn_sync(NULL, argv, NULL, G_SPAWN_DEFAULT, NULL, NULL, &out, &errout, &status, &err))
-		g_error("spawn %s: %s", cmd, err->message);
-	if (!g_spawn_check_wait_status(status, NULL))
-		g_error("command failed: %s\n%s%s", cmd, out, errout);
-	g_free(out);
-	g_free(errout);
-	g_free(cmd);
-}
+#include "qemu-helpers.h"
 
 static struct image_opts default_opts;
 
