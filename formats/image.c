@@ -117,10 +117,10 @@ void *image_add_observer(struct image *img, image_observer_fn fn, void *opaque)
 
 	o->fn = fn;
 	o->opaque = opaque;
-	pthread_mutex_lock(&img->obs_lock);
+	pthread_rwlock_wrlock(&img->obs_lock);
 	o->next = img->observers;
 	img->observers = o;
-	pthread_mutex_unlock(&img->obs_lock);
+	pthread_rwlock_unlock(&img->obs_lock);
 	return o;
 }
 
@@ -128,14 +128,14 @@ void image_remove_observer(struct image *img, void *handle)
 {
 	struct image_observer **pp;
 
-	pthread_mutex_lock(&img->obs_lock);
+	pthread_rwlock_wrlock(&img->obs_lock);
 	for (pp = &img->observers; *pp; pp = &(*pp)->next)
 		if (*pp == handle) {
 			*pp = (*pp)->next;
 			free(handle);
 			break;
 		}
-	pthread_mutex_unlock(&img->obs_lock);
+	pthread_rwlock_unlock(&img->obs_lock);
 }
 
 static void reread_partitions(struct image *img);
@@ -176,10 +176,11 @@ static bool touches_table(struct image *img, uint64_t off, uint64_t len)
 
 static void announce(struct image *img, uint64_t off, uint64_t len)
 {
-	pthread_mutex_lock(&img->obs_lock);
+	/* writers announce in parallel: observers must be thread-safe */
+	pthread_rwlock_rdlock(&img->obs_lock);
 	for (struct image_observer *o = img->observers; o; o = o->next)
 		o->fn(o->opaque, off, len);
-	pthread_mutex_unlock(&img->obs_lock);
+	pthread_rwlock_unlock(&img->obs_lock);
 	if (touches_table(img, off, len))
 		reread_partitions(img);
 }
@@ -534,7 +535,7 @@ int image_open(const char *path, const struct image_opts *opts,
 	img->top = top;
 	img->read_only = opts->read_only || top->read_only;
 	pthread_rwlock_init(&img->views_lock, NULL);
-	pthread_mutex_init(&img->obs_lock, NULL);
+	pthread_rwlock_init(&img->obs_lock, NULL);
 	pthread_mutex_init(&img->reread_lock, NULL);
 	pthread_rwlock_init(&img->part_lock, NULL);
 	img->disk = bdev_new(&disk_ops, top->kind, top->size, img->read_only, img);
@@ -581,7 +582,7 @@ int image_close(struct image *img)
 		free(o);
 	}
 	pthread_rwlock_destroy(&img->views_lock);
-	pthread_mutex_destroy(&img->obs_lock);
+	pthread_rwlock_destroy(&img->obs_lock);
 	pthread_mutex_destroy(&img->reread_lock);
 	pthread_rwlock_destroy(&img->part_lock);
 	free(img->part_sectors);

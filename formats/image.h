@@ -75,7 +75,7 @@ struct image {
 	uint64_t generation; /* bumped whenever the view list changes */
 
 	/* internal */
-	pthread_mutex_t obs_lock;
+	pthread_rwlock_t obs_lock; /* observers list: written on add/remove, read per write */
 	struct image_observer *observers;
 	struct view **retired; /* partition views of an old table, freed at close */
 	unsigned nretired;
