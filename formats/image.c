@@ -328,14 +328,15 @@ static void mark_duplicates(struct bdev *q, unsigned n, bool by_id, bool *dup)
 	free(k);
 }
 
-static int build_snapshot_views(struct image *img, struct view ***arr, unsigned *n,
-				struct err *e)
+/* A snapshot that cannot be opened is skipped with a warning: never fatal. */
+static void build_snapshot_views(struct image *img, struct view ***arr, unsigned *n,
+				 struct err *e)
 {
 	bool *name_dup, *id_dup;
 	unsigned count;
 
 	if (strcmp(img->format, "qcow2"))
-		return 0;
+		return;
 	count = qcow2_snapshot_count(img->top);
 	name_dup = xcalloc(count ? count : 1, sizeof(bool));
 	id_dup = xcalloc(count ? count : 1, sizeof(bool));
@@ -387,7 +388,6 @@ static int build_snapshot_views(struct image *img, struct view ***arr, unsigned 
 	}
 	free(name_dup);
 	free(id_dup);
-	return 0;
 }
 
 static void reread_partitions(struct image *img)
@@ -546,11 +546,7 @@ int image_open(const char *path, const struct image_opts *opts,
 	dv->type = xstrdup(img->format);
 	views_append(&img->views, &img->nviews, dv);
 	build_partition_views(img, &img->views, &img->nviews);
-	r = build_snapshot_views(img, &img->views, &img->nviews, e);
-	if (r < 0) {
-		image_close(img);
-		return r;
-	}
+	build_snapshot_views(img, &img->views, &img->nviews, e);
 	*out = img;
 	return 0;
 }

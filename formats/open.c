@@ -57,18 +57,20 @@ int image_open_dev(const char *path, const char *fmt, bool writable,
 		flags |= FILE_NO_LOCK;
 
 	/* probe on a read-only open: the lock we take depends on the format */
-	r = file_open(path, FILE_NO_LOCK, &file, e);
-	if (r < 0)
-		return r;
-	memset(head, 0, sizeof(head));
-	r = bdev_pread(file, head, MIN(sizeof(head), file->size), 0);
-	bdev_close(file);
-	if (r < 0)
-		return err_set(e, r, "%s: cannot read the header: %s", path, strerror(-r));
-	is_qcow2 = fmt ? !strcmp(fmt, "qcow2") : qcow2_probe(head, sizeof(head));
-	if (!fmt && !is_qcow2) {
-		const char *other = image_magic_name(head, sizeof(head));
+	is_qcow2 = fmt && !strcmp(fmt, "qcow2");
+	if (!fmt) {
+		const char *other;
 
+		r = file_open(path, FILE_NO_LOCK, &file, e);
+		if (r < 0)
+			return r;
+		/* past EOF the file device reads zeroes */
+		r = bdev_pread(file, head, sizeof(head), 0);
+		bdev_close(file);
+		if (r < 0)
+			return err_set(e, r, "%s: cannot read the header: %s", path, strerror(-r));
+		is_qcow2 = qcow2_probe(head, sizeof(head));
+		other = is_qcow2 ? NULL : image_magic_name(head, sizeof(head));
 		if (other)
 			return err_set(e, -EMEDIUMTYPE,
 				       "%s: looks like a %s image, which imgfs cannot read; refusing to treat it as raw (use --format=raw if it really is raw)",

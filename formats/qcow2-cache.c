@@ -227,45 +227,72 @@ int qcow2_cache_write(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off
 
 /*
  * Write every dirty slice.  Each is copied under the lock and written with
- * the lock dropped; a slice dirtied again meanwhile stays dirty.
+ * the lock dropped; a slice dirtied again meanwhile stays dirty, and is
+ * written by the next pass.  A pass collects the dirty offsets in one walk
+ * of the list (a walk per slice would hold the lock for a time quadratic in
+ * the cache size).
  */
+static int write_back(struct qcow2_cache *c, uint64_t off, uint8_t *copy)
+{
+	struct slice *sl;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	sl = find(c, off);
+	if (!sl || !sl->dirty) { /* written by a concurrent flush meanwhile */
+		pthread_mutex_unlock(&c->lock);
+		return 0;
+	}
+	memcpy(copy, sl->data, c->slice_size);
+	sl->dirty = false;
+	sl->writing = true;
+	pthread_mutex_unlock(&c->lock);
+	r = c->check ? c->check(c->check_opaque, off, c->slice_size) : 0;
+	if (r == 0)
+		r = bdev_pwrite(c->file, copy, c->slice_size, off, 0);
+	pthread_mutex_lock(&c->lock);
+	sl = find(c, off);
+	if (sl) {
+		sl->writing = false;
+		if (r < 0)
+			sl->dirty = true;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
 int qcow2_cache_flush(struct qcow2_cache *c)
 {
 	uint8_t *copy = xmalloc(c->slice_size);
+	uint64_t *offs = NULL;
+	size_t cap = 0;
 	int r = 0;
 
 	for (;;) {
 		struct slice *sl;
-		uint64_t off = 0;
-		bool found = false;
+		size_t n = 0;
 
 		pthread_mutex_lock(&c->lock);
-		for (sl = c->head.next; sl != &c->head; sl = sl->next)
-			if (sl->dirty) {
-				off = sl->off;
-				memcpy(copy, sl->data, c->slice_size);
-				sl->dirty = false;
-				sl->writing = true;
-				found = true;
-				break;
+		for (sl = c->head.next; sl != &c->head; sl = sl->next) {
+			if (!sl->dirty)
+				continue;
+			if (n == cap) {
+				cap = cap ? cap * 2 : 64;
+				offs = realloc(offs, cap * sizeof(*offs));
+				if (!offs)
+					abort();
 			}
-		pthread_mutex_unlock(&c->lock);
-		if (!found)
-			break;
-		r = c->check ? c->check(c->check_opaque, off, c->slice_size) : 0;
-		if (r == 0)
-			r = bdev_pwrite(c->file, copy, c->slice_size, off, 0);
-		pthread_mutex_lock(&c->lock);
-		sl = find(c, off);
-		if (sl) {
-			sl->writing = false;
-			if (r < 0)
-				sl->dirty = true;
+			offs[n++] = sl->off;
 		}
 		pthread_mutex_unlock(&c->lock);
+		if (!n)
+			break;
+		for (size_t i = 0; i < n && r == 0; i++)
+			r = write_back(c, offs[i], copy);
 		if (r < 0)
 			break;
 	}
+	free(offs);
 	free(copy);
 	return r;
 }

@@ -738,6 +738,26 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
  * keeps that one up to date itself, and invalidating it from inside its own
  * write would deadlock on the page locks the write holds).
  */
+/* Is view v a slice of disk that overlaps [off, off+len)? */
+static bool overlaps(const struct view *v, uint64_t off, uint64_t len)
+{
+	return v->offset != UINT64_MAX &&
+	       off < v->offset + v->length && off + len > v->offset;
+}
+
+/* Drop the cached pages of view v (inode ino) that overlap disk [off, off+len). */
+static void inval_overlap(struct fs *fs, struct view *v, fuse_ino_t ino,
+			  uint64_t off, uint64_t len)
+{
+	uint64_t start, end;
+
+	if (ino == writing_ino || !overlaps(v, off, len))
+		return;
+	start = MAX(off, v->offset) - v->offset;
+	end = MIN(off + len, v->offset + v->length) - v->offset;
+	fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
+}
+
 void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len)
 {
 	struct fs *fs = opaque;
@@ -746,29 +766,21 @@ void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len)
 
 	if (fs->single_thread || !fs->se)
 		return;
-	n = image_list_views(fs->img, &views, NULL);
-	for (unsigned i = 0; i < n; i++) {
-		struct view *v = views[i];
-		uint64_t start, end;
-		fuse_ino_t ino;
+	if (!fs->dir_mode) {
+		/* one view, one inode: no list to copy on every write */
+		struct view *v;
 
-		if (v->offset == UINT64_MAX)
-			continue;
-		if (off >= v->offset + v->length || off + len <= v->offset)
-			continue;
-		if (fs->dir_mode) {
-			ino = node_for_name(fs, v->name)->ino;
-		} else {
-			if (strcmp(v->name, fs->file_view))
-				continue;
-			ino = FUSE_ROOT_ID;
-		}
-		if (ino == writing_ino)
-			continue;
-		start = MAX(off, v->offset) - v->offset;
-		end = MIN(off + len, v->offset + v->length) - v->offset;
-		fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
+		if (writing_ino == FUSE_ROOT_ID)
+			return;
+		v = image_find_view(fs->img, fs->file_view);
+		if (v)
+			inval_overlap(fs, v, FUSE_ROOT_ID, off, len);
+		return;
 	}
+	n = image_list_views(fs->img, &views, NULL);
+	for (unsigned i = 0; i < n; i++)
+		if (overlaps(views[i], off, len))
+			inval_overlap(fs, views[i], node_for_name(fs, views[i]->name)->ino, off, len);
 	free(views);
 }
 

@@ -324,7 +324,7 @@ static int make_listener(struct cli *c, int activated)
 	if (c->socket)
 		return listen_unix(c->socket);
 	return listen_tcp(c->bind ? c->bind : "127.0.0.1",
-			  c->port ? c->port : "10809");
+			  c->port ? c->port : NBD_DEFAULT_PORT_STR);
 }
 
 /* ---- --fork: the parent waits until the child is serving ---------------- */

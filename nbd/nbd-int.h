@@ -52,7 +52,6 @@ struct nbd_conn {
 	struct nbd_conn *next;
 	int fd;
 	pthread_t thread;
-	bool own_thread;          /* joined by the server (not serve_socket) */
 
 	/* handshake state */
 	struct timespec deadline;
@@ -86,8 +85,6 @@ int nbd_conn_recv(struct nbd_conn *c, void *buf, size_t len);
 /* Send iov whole; caller holds send_lock in transmission. */
 int nbd_conn_sendv(struct nbd_conn *c, struct iovec *iov, int n);
 int nbd_conn_send(struct nbd_conn *c, const void *buf, size_t len);
-/* Read and throw away len bytes. */
-int nbd_conn_discard(struct nbd_conn *c, uint64_t len);
 
 /* handshake.c: true if the client picked an export (c->exp set). */
 bool nbd_handshake(struct nbd_conn *c);

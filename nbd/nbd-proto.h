@@ -128,6 +128,7 @@
 #define NBD_MAX_OPTIONS          256         /* options per handshake */
 #define NBD_MAX_EXTENTS          (16u << 10) /* extents in one block-status chunk */
 #define NBD_DEFAULT_PORT         10809
+#define NBD_DEFAULT_PORT_STR     "10809"
 
 #define NBD_CONTEXT_BASE_ALLOCATION "base:allocation"
 #define NBD_CONTEXT_ALLOCATION_DEPTH "qemu:allocation-depth"

@@ -118,21 +118,6 @@ int nbd_conn_send(struct nbd_conn *c, const void *buf, size_t len)
 	return nbd_conn_sendv(c, &iov, 1);
 }
 
-int nbd_conn_discard(struct nbd_conn *c, uint64_t len)
-{
-	char scratch[4096];
-
-	while (len) {
-		size_t n = MIN(len, sizeof(scratch));
-		int r = nbd_conn_recv(c, scratch, n);
-
-		if (r < 0)
-			return r;
-		len -= n;
-	}
-	return 0;
-}
-
 /* ---- server object ---------------------------------------------------- */
 
 static struct nbd_server *server_alloc(const struct nbd_server_opts *opts)
@@ -360,7 +345,6 @@ static void accept_one(struct nbd_server *s, int listen_fd)
 		return;
 	}
 	c = conn_new(s, fd);
-	c->own_thread = true;
 	conn_register(s, c);
 	/* Signals belong to the main thread, not to connection threads. */
 	sigfillset(&all);

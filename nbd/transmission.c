@@ -298,8 +298,9 @@ static void cmd_block_status(struct nbd_conn *c, const struct nbd_req *rq)
 		reply_err(c, rq, -EINVAL);
 		return;
 	}
-	ext[0] = xmalloc(4 + 8 * (size_t)max);
-	ext[1] = xmalloc(4 + 8 * (size_t)max);
+	/* only the chosen contexts need an extent buffer */
+	ext[0] = want[0] ? xmalloc(4 + 8 * (size_t)max) : NULL;
+	ext[1] = want[1] ? xmalloc(4 + 8 * (size_t)max) : NULL;
 	while (pos < end) {
 		uint64_t run;
 		unsigned st, depth, v[2];
