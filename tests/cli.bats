@@ -98,3 +98,14 @@ teardown() { common_teardown; }
 	[ "$status" -eq 2 ]
 	[[ "$output" == *loop* ]]
 }
+
+@test "a backing file in a format imgfs does not read is refused" {
+	qemu-img create -q -f vmdk b.vmdk 1M
+	qemu-img create -q -f qcow2 -b b.vmdk -F vmdk a.qcow2
+	mkdir mnt
+	run "$IMGFS" a.qcow2 mnt
+	[ "$status" -eq 2 ]
+	[ "${#lines[@]}" -eq 1 ]
+	[[ "$output" == *vmdk* ]]
+	not_mounted mnt
+}

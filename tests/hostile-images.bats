@@ -466,6 +466,8 @@ mounts_with() {
 	run timeout 30 qemu-io -f raw -r -c 'read 0 4k' "$uri"
 	[[ "$output" == *"Input/output error"* ]]
 	run timeout 30 qemu-io -f raw -r -c "read -P 0x22 $((4 << 20)) 64k" -c 'read -P 0x11 4k 60k' "$uri"
+	[ "$status" -eq 0 ]
+	[[ "$output" != *"Pattern verification failed"* ]]
 	[ "$(grep -c 'read .*/.* bytes' <<<"$output")" -eq 2 ]
 	alive "$(cat "$T/nbd.pid")"
 }

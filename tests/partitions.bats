@@ -149,7 +149,11 @@ PY
 	to_qcow2 raw.img img.qcow2
 	mount_imgfs img.qcow2 mnt -r
 	check_partitions raw.img mnt
-	[ -f mnt/p1 ] && [ -f mnt/p2 ] && [ -f mnt/p5 ] && [ -f mnt/p9 ] && [ -f mnt/p128 ]
+	[ -f mnt/p1 ]
+	[ -f mnt/p2 ]
+	[ -f mnt/p5 ]
+	[ -f mnt/p9 ]
+	[ -f mnt/p128 ]
 	[ ! -e mnt/p3 ]
 }
 
@@ -255,7 +259,8 @@ PY
 	mount_imgfs raw.img mnt --format=raw
 	sgdisk -n 2:2048:+4M -n 4:0:+1M mnt/disk >/dev/null
 	for _ in $(seq 50); do [ -e mnt/p4 ] && break; sleep 0.1; done
-	[ -f mnt/p2 ] && [ -f mnt/p4 ]
+	[ -f mnt/p2 ]
+	[ -f mnt/p4 ]
 	[ ! -e mnt/p1 ]
 	[ "$(stat -c %s mnt/p2)" = $((4 << 20)) ]
 }
@@ -269,7 +274,9 @@ PY
 	put_entry raw.img 3048 1 0x05 0 100     # back to the first EBR
 	timeout 20 "$IMGFS" --list --format=raw raw.img
 	mount_imgfs raw.img mnt --format=raw -r
-	[ -f mnt/p5 ] && [ -f mnt/p6 ] && [ ! -e mnt/p7 ]
+	[ -f mnt/p5 ]
+	[ -f mnt/p6 ]
+	[ ! -e mnt/p7 ]
 	[ "$(getfattr --only-values -n user.imgfs.offset mnt/p6)" = $((3049 * 512)) ]
 	same_bytes raw.img mnt/disk
 }
@@ -281,8 +288,10 @@ PY
 	put_entry raw.img 0 2 0x83 0 100          # p3 over the MBR
 	put_entry raw.img 0 3 0x83 8192 100       # p4 fine
 	mount_imgfs raw.img mnt --format=raw -r
-	[ -f mnt/p1 ] && [ -f mnt/p4 ]
-	[ ! -e mnt/p2 ] && [ ! -e mnt/p3 ]
+	[ -f mnt/p1 ]
+	[ -f mnt/p4 ]
+	[ ! -e mnt/p2 ]
+	[ ! -e mnt/p3 ]
 	same_bytes raw.img mnt/disk
 }
 

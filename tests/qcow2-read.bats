@@ -225,10 +225,11 @@ check_image() {
 	[ "$(stat -c %s mnt/disk)" = $((1024**4)) ]
 	for spec in "0 0x31" "$((5 * 1024**3)) 0x32" "$((1024**4 - 65536)) 0x33"; do
 		set -- $spec
-		qemu-io -f raw -r -c "read -P $2 $1 64k" mnt/disk | grep -q "read 65536/65536"
+		# qemu-io exits 1 when the pattern does not match
+		qemu-io -f raw -r -c "read -P $2 $1 64k" mnt/disk >/dev/null
 	done
 	# holes read as zeroes, and SEEK_DATA skips them
-	qemu-io -f raw -r -c "read -P 0 1G 1M" -c "read -P 0 $((600 * 1024**3)) 1M" mnt/disk | grep -c "read 1048576/1048576" | grep -qx 2
+	qemu-io -f raw -r -c "read -P 0 1G 1M" -c "read -P 0 $((600 * 1024**3)) 1M" mnt/disk >/dev/null
 	python3 -c "
 import os
 fd = os.open('mnt/disk', os.O_RDONLY)

@@ -171,7 +171,6 @@ same_as_qemu() {
 
 @test "the refcount table grows, several times, on a 512-byte-cluster image" {
 	qemu-img create -q -f qcow2 -o cluster_size=512 a.qcow2 64M
-	table0=$(qemu-img info --output=json a.qcow2 | grep -c refcount || true)
 	mount_imgfs a.qcow2 mnt
 	pattern_file data.raw $((40 * MiB)) 12
 	dd if=data.raw of=mnt/disk bs=1M conv=notrunc,fsync status=none
@@ -183,7 +182,6 @@ same_as_qemu() {
 	# 320 blocks, past the 64 entries of the first one-cluster table
 	off=$(od -An -t u8 --endian=big -j 48 -N 8 a.qcow2 | tr -d ' ')
 	clusters=$(od -An -t u4 --endian=big -j 56 -N 4 a.qcow2 | tr -d ' ')
-	[ "$off" -ne 512 ] || [ "$clusters" -gt 1 ]
 	[ "$clusters" -ge 5 ]
 }
 
@@ -253,6 +251,9 @@ import struct, sys
 f = open('a.qcow2', 'r+b'); f.seek($l2); f.write(struct.pack('>Q', (1 << 63) | $l1))"
 	mount_imgfs a.qcow2 mnt
 	run dd if=/dev/zero of=mnt/disk bs=512 count=1 conv=notrunc status=none
+	[ "$status" -ne 0 ]
+	# once corrupt, no further write goes through, even a harmless one
+	run dd if=/dev/zero of=mnt/disk bs=4k count=1 seek=1000 oflag=direct conv=notrunc status=none
 	[ "$status" -ne 0 ]
 	dd if=mnt/disk of=/dev/null bs=64k count=1 skip=1 status=none
 	unmount_imgfs mnt

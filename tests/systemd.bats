@@ -171,7 +171,7 @@ socket_activate() {
 	pid=$(cat "$pidfile")
 	echo "$pid" >"$pf"
 	alive "$pid"
-	[ "$(head -c 1M mnt/disk | tr -d 'Z' | wc -c)" -eq 0 ]
+	cmp <(head -c 1M mnt/disk) <(head -c 1M /dev/zero | tr '\0' Z)
 	# systemctl stop: KillSignal=SIGTERM to the main pid
 	[ "$(unit_value "$UNITS/imgfs@.service" KillSignal)" = SIGTERM ]
 	kill -TERM "$pid"

@@ -1127,6 +1127,7 @@ static void compare_map(struct bdev *dev, const char *path)
 	gchar *out = NULL, *cmd = g_strdup_printf("qemu-img map --output=json '%s'", path);
 	gchar **lines;
 	gint status;
+	uint64_t covered = 0;
 
 	g_assert_true(g_spawn_command_line_sync(cmd, &out, NULL, &status, NULL));
 	g_assert_true(g_spawn_check_wait_status(status, NULL));
@@ -1139,6 +1140,8 @@ static void compare_map(struct bdev *dev, const char *path)
 			continue;
 		g_assert_true(json_u64(*l, "\"length\": ", &length));
 		g_assert_true(json_u64(*l, "\"depth\": ", &qdepth));
+		g_assert_cmpuint(start, ==, covered); /* qemu's map has no gaps */
+		covered += length;
 		data = strstr(*l, "\"data\": true") != NULL;
 		for (off = start; off < start + length;) {
 			uint64_t run;
@@ -1154,6 +1157,8 @@ static void compare_map(struct bdev *dev, const char *path)
 			off += run;
 		}
 	}
+	/* the map compared the whole disk, not nothing */
+	g_assert_cmpuint(covered, ==, dev->size);
 	g_strfreev(lines);
 	g_free(out);
 	g_free(cmd);
