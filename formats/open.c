@@ -64,8 +64,9 @@ int image_open_dev(const char *path, const char *fmt, bool writable,
 		r = file_open(path, FILE_NO_LOCK, &file, e);
 		if (r < 0)
 			return r;
-		/* past EOF the file device reads zeroes */
-		r = bdev_pread(file, head, sizeof(head), 0);
+		/* a file shorter than the probe reads as zeroes past its end */
+		memset(head, 0, sizeof(head));
+		r = bdev_pread(file, head, MIN(sizeof(head), file->size), 0);
 		bdev_close(file);
 		if (r < 0)
 			return err_set(e, r, "%s: cannot read the header: %s", path, strerror(-r));

@@ -159,7 +159,6 @@ static char *dup_str(const uint8_t *p, size_t n)
 	return s;
 }
 
-/* NBD_OPT_INFO and NBD_OPT_GO share their request and replies. */
 /*
  * The client has chosen export x (named name, which this frees): enter
  * transmission with it.  Contexts chosen for another export do not carry
@@ -175,6 +174,7 @@ static void select_export(struct nbd_conn *c, char *name, const struct nbd_expor
 	c->tflags = nbd_export_tflags(c, x);
 }
 
+/* NBD_OPT_INFO and NBD_OPT_GO share their request and replies. */
 static enum opt_result opt_info_go(struct nbd_conn *c, uint32_t opt,
 				   const uint8_t *p, uint32_t len)
 {

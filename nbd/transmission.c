@@ -405,8 +405,8 @@ static void *worker(void *arg)
 	return NULL;
 }
 
-/* Wait for budget, then queue rq.  Returns false if the connection is dying. */
-static bool enqueue(struct nbd_conn *c, struct nbd_req *rq)
+/* Wait for budget (requests and bytes in flight), then queue rq. */
+static void enqueue(struct nbd_conn *c, struct nbd_req *rq)
 {
 	pthread_mutex_lock(&c->qlock);
 	while (c->inflight && (c->inflight >= NBD_CONN_MAX_INFLIGHT ||
@@ -421,7 +421,6 @@ static bool enqueue(struct nbd_conn *c, struct nbd_req *rq)
 	c->qtail = rq;
 	pthread_cond_signal(&c->qcond);
 	pthread_mutex_unlock(&c->qlock);
-	return true;
 }
 
 static bool start_workers(struct nbd_conn *c)
