@@ -416,9 +416,17 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	/* Keep the kernel page cache across opens: every write path
 	 * invalidates it through the image's observers.  With -s there is no
 	 * second thread to answer reads while an invalidation waits, so no
-	 * page cache at all. */
+	 * page cache at all.  A handle opened for writing bypasses the cache
+	 * (direct_io, as qemu's export does): a buffered FUSE write is
+	 * write-through and waits for a copy into the page cache and a second
+	 * into the daemon, one request at a time (doc/performance.md: 0.6x
+	 * qemu's export buffered, 1.5x direct).  Its writes then update no
+	 * cached page, so op_write has the observers drop its own inode's
+	 * pages too.  --cached-writes keeps writes in the page cache (shared
+	 * writable mmap needs it). */
 	fi->keep_cache = !fs->single_thread;
-	fi->direct_io = fs->single_thread;
+	fi->direct_io = fs->single_thread ||
+			((fi->flags & O_ACCMODE) != O_RDONLY && !fs->cached_writes);
 	fi->noflush = 1;
 	fuse_reply_open(req, fi);
 }
@@ -512,7 +520,10 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		}
 		size = (size_t)(v->length - uoff);
 	}
-	writing_ino = ino;
+	/* a cached write updates its own pages; a direct one must drop them */
+	/* a cached write updates its own pages; after a direct one, drop them
+	 * (recent kernels do it themselves, older ones do not) */
+	writing_ino = fi->direct_io ? 0 : ino;
 	r = bdev_pwrite(v->dev, buf, size, uoff, flags);
 	writing_ino = 0;
 	if (r < 0) {

@@ -22,6 +22,7 @@ struct fs {
 	char *file_view;     /* file mode: the one view shown */
 	struct stat image_st;/* the image file's mode, owner, times */
 	bool single_thread;  /* no page cache: -s cannot serve invalidation */
+	bool cached_writes;  /* writes through the page cache, not direct_io */
 	char *control_path;  /* NBD control socket, exposed as user.imgfs.control */
 	struct nbd_control *control;
 

@@ -39,6 +39,7 @@ struct cli {
 	char *format;
 	int read_only, no_backing;
 	char *cache_size;
+	int cached_writes;
 	char *pid_file;
 	char *view;
 	int partition;
@@ -64,6 +65,8 @@ static const struct fuse_opt cli_opts[] = {
 	OPT("no_backing", no_backing, 1),
 	OPT("--cache-size=%s", cache_size, 0),
 	OPT("cache_size=%s", cache_size, 0),
+	OPT("--cached-writes", cached_writes, 1),
+	OPT("cached_writes", cached_writes, 1),
 	OPT("--pid-file=%s", pid_file, 0),
 	OPT("pid_file=%s", pid_file, 0),
 	OPT("--view=%s", view, 0),
@@ -227,10 +230,14 @@ static void usage(FILE *f)
 "  -f                     stay in the foreground, log to stderr\n"
 "  -d, --debug            foreground, with libfuse request tracing\n"
 "  -s                     single-threaded (no kernel page cache)\n"
+"  --cached-writes        writes go through the kernel page cache (default:\n"
+"                         files opened for writing use direct I/O, faster;\n"
+"                         a shared writable mmap needs this option)\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
-"                         no_backing, cache_size=, pid_file= (for fstab);\n"
+"                         no_backing, cache_size=, cached_writes,\n"
+"                         pid_file= (for fstab);\n"
 "                         mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
 "                         x-*...) are ignored\n"
 "  --pid-file=PATH        write the daemon's pid to PATH\n"
@@ -652,6 +659,7 @@ int main(int argc, char **argv)
 		fs->file_view = g_strdup(v->name);
 	}
 	fs->single_thread = c.single;
+	fs->cached_writes = c.cached_writes;
 	fs_init_nodes(fs);
 
 	/* -r: the kernel mount is read-only too, as with -o ro (findmnt shows it) */

@@ -39,6 +39,37 @@ teardown() { common_teardown; }
 	[ "$(dd if=mnt/p1 bs=1 skip=200 count=4 status=none)" = BBBB ]
 }
 
+# A handle opened for writing is direct I/O: its writes reach no cached
+# page, so the daemon must drop the view's own pages for readers.
+@test "a write is seen at once by a reader of the same view, in both modes" {
+	for m in mnt a.raw; do
+		mount_imgfs a.raw $m
+		f=$m; [ $m = mnt ] && f=mnt/disk
+		cat "$f" >/dev/null   # warm the page cache through a read-only handle
+		printf "CC$m" | dd of="$f" bs=1 seek=300 conv=notrunc status=none
+		[ "$(dd if="$f" bs=1 skip=300 count=$((2 + ${#m})) status=none)" = "CC$m" ]
+		unmount_imgfs $m
+	done
+}
+
+@test "a shared writable mmap needs --cached-writes, and then lands in the image" {
+	local map='import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+m[100:104] = b"MMAP"
+m.flush()'
+	mount_imgfs a.raw mnt
+	run /usr/bin/python3 -c "$map" mnt/disk
+	[ "$status" -ne 0 ]
+	[[ "$output" == *"No such device"* ]]
+	unmount_imgfs mnt
+	mount_imgfs a.raw mnt --cached-writes
+	/usr/bin/python3 -c "$map" mnt/disk
+	[ "$(dd if=mnt/disk bs=1 skip=100 count=4 status=none)" = MMAP ]
+	unmount_imgfs mnt
+	[ "$(dd if=a.raw bs=1 skip=100 count=4 status=none)" = MMAP ]
+}
+
 @test "punch-hole and zero-range read back as zeroes" {
 	mount_imgfs a.raw mnt
 	fallocate -p -o 65536 -l 100000 mnt/disk
