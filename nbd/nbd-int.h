@@ -19,6 +19,7 @@
 /* Bounds on what one connection may have queued or running. */
 #define NBD_CONN_MAX_INFLIGHT 32
 #define NBD_CONN_MAX_BYTES    (64u << 20)
+#define NBD_CONN_SPARE        8
 
 struct nbd_server {
 	struct nbd_export *exports; /* static exports, or ... */
@@ -78,6 +79,8 @@ struct nbd_conn {
 	bool closing;
 	pthread_t *workers;
 	unsigned nworkers;
+	char *spare[NBD_CONN_SPARE]; /* WRITE payload buffers kept for reuse */
+	unsigned nspare;
 };
 
 /* server.c: socket I/O.  Each returns 0 or a negative errno (-ECONNRESET on EOF). */

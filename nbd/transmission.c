@@ -399,6 +399,42 @@ static void run_request(struct nbd_conn *c, const struct nbd_req *rq)
 
 /* ---- queue and workers ------------------------------------------------ */
 
+/*
+ * WRITE payloads of POOL_MIN..WORKER_BUF_MAX bytes live in buffers of
+ * WORKER_BUF_MAX kept per connection (at most NBD_CONN_SPARE idle, freed
+ * with the connection): the reader allocates, a worker frees, and a fresh
+ * 256 KiB buffer each time cost glibc a heap trim and page faults (1600
+ * madvise calls per GiB that nbdcopy wrote).
+ */
+#define POOL_MIN (64u << 10)
+
+static bool pooled(uint32_t len)
+{
+	return len >= POOL_MIN && len <= WORKER_BUF_MAX;
+}
+
+static char *payload_get(struct nbd_conn *c, uint32_t len)
+{
+	char *p = NULL;
+
+	if (!pooled(len))
+		return xmalloc(len);
+	pthread_mutex_lock(&c->qlock);
+	if (c->nspare)
+		p = c->spare[--c->nspare];
+	pthread_mutex_unlock(&c->qlock);
+	return p ? p : xmalloc(WORKER_BUF_MAX);
+}
+
+/* Caller holds qlock. */
+static void payload_put(struct nbd_conn *c, char *p, uint32_t len)
+{
+	if (p && pooled(len) && c->nspare < NBD_CONN_SPARE)
+		c->spare[c->nspare++] = p;
+	else
+		free(p);
+}
+
 static void *worker(void *arg)
 {
 	struct nbd_conn *c = arg;
@@ -423,7 +459,7 @@ static void *worker(void *arg)
 		c->inflight--;
 		c->inflight_bytes -= rq->cost;
 		pthread_cond_signal(&c->space);
-		free(rq->payload);
+		payload_put(c, rq->payload, rq->len);
 		free(rq);
 	}
 	pthread_mutex_unlock(&c->qlock);
@@ -506,7 +542,7 @@ static struct nbd_req *read_request(struct nbd_conn *c)
 			free(rq);
 			return NULL;
 		}
-		rq->payload = xmalloc(rq->len);
+		rq->payload = payload_get(c, rq->len);
 		if (nbd_conn_recv(c, rq->payload, rq->len) < 0) {
 			free(rq->payload);
 			free(rq);
@@ -540,6 +576,8 @@ void nbd_transmission(struct nbd_conn *c)
 		}
 	}
 	stop_workers(c);
+	while (c->nspare)
+		free(c->spare[--c->nspare]);
 	pthread_mutex_destroy(&c->send_lock);
 	pthread_mutex_destroy(&c->qlock);
 	pthread_cond_destroy(&c->qcond);
