@@ -101,6 +101,39 @@ int bdev_flush(struct bdev *d)
 	return d->ops->flush(d);
 }
 
+bool bdev_extents_add(struct bdev_extents *x, int fd, uint64_t pos, uint64_t len)
+{
+	struct bdev_extent *last = x->n ? &x->ext[x->n - 1] : NULL;
+
+	if (!len)
+		return true;
+	if (last && last->fd == fd && (fd < 0 || last->pos + last->len == pos)) {
+		last->len += len;
+		return true;
+	}
+	if (x->n == x->max)
+		return false;
+	x->ext[x->n++] = (struct bdev_extent){ fd, fd < 0 ? 0 : pos, len };
+	return true;
+}
+
+int64_t bdev_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	unsigned n0 = x->n;
+	int64_t r;
+
+	if (d->growable ? range_exceeds(off, len, INT64_MAX) : range_bad(d, off, len))
+		return -EINVAL;
+	if (!len || !d->ops->map)
+		return 0;
+	r = d->ops->map(d, off, len, x);
+	if (r < 0 || (uint64_t)r > len) {
+		x->n = n0;
+		return r < 0 ? r : -EIO; /* an implementation bug must not read past the range */
+	}
+	return r;
+}
+
 int bdev_block_status(struct bdev *d, uint64_t off, uint64_t len,
 		      uint64_t *run, unsigned *status, unsigned *depth)
 {

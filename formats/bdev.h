@@ -31,6 +31,25 @@
 
 struct bdev;
 
+/*
+ * Where a range of a device lives in host files, for zero-copy reads
+ * (splice, sendfile): extents in order, each a range of a host file or bytes
+ * that read as zeroes.  Adjacent pieces are merged.
+ */
+struct bdev_extent {
+	int fd;          /* host file; -1: zeroes */
+	uint64_t pos;    /* offset in fd */
+	uint64_t len;
+};
+
+struct bdev_extents {
+	struct bdev_extent *ext;
+	unsigned max, n;
+};
+
+/* Append a piece; false if it needs an extent and none is left. */
+bool bdev_extents_add(struct bdev_extents *x, int fd, uint64_t pos, uint64_t len);
+
 struct bdev_ops {
 	int (*pread)(struct bdev *, void *buf, size_t len, uint64_t off);
 	int (*pwrite)(struct bdev *, const void *buf, size_t len, uint64_t off,
@@ -48,6 +67,9 @@ struct bdev_ops {
 	void (*close)(struct bdev *);
 	/* Grow to size bytes (the device updates its own size); optional. */
 	int (*resize)(struct bdev *, uint64_t size);
+	/* Where the bytes live, for bdev_map; optional. */
+	int64_t (*map)(struct bdev *, uint64_t off, uint64_t len,
+		       struct bdev_extents *x);
 };
 
 struct bdev {
@@ -74,6 +96,15 @@ int bdev_block_status(struct bdev *, uint64_t off, uint64_t len,
 void bdev_close(struct bdev *);
 /* Grow a device: -ENOTSUP if it cannot (or for shrinking), -EROFS read-only. */
 int bdev_resize(struct bdev *, uint64_t size);
+/*
+ * Map [off, off + len) onto host files: appends extents to x (x->n counts
+ * them) and returns how many bytes from off they cover, a prefix of the
+ * range; it stops early where it cannot say (a compressed cluster, damage,
+ * a device without the op, no extent left), so 0 means "read it with
+ * bdev_pread", which also reports any damage.  < 0: an error.  The mapping
+ * holds until the next write to those bytes, as a read would.
+ */
+int64_t bdev_map(struct bdev *, uint64_t off, uint64_t len, struct bdev_extents *x);
 
 /*
  * A zeroed bdev with ops set, for implementations; never fails (aborts on OOM).

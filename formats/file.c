@@ -152,6 +152,17 @@ all_data:
 	return 0;
 }
 
+/* The file's own bytes, then zeroes past its end (as file_pread reads). */
+static int64_t file_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	uint64_t size = __atomic_load_n(&d->size, __ATOMIC_RELAXED);
+	uint64_t in = off < size ? MIN(len, size - off) : 0;
+
+	if (!bdev_extents_add(x, F(d)->fd, off, in))
+		return 0;
+	return bdev_extents_add(x, -1, 0, len - in) ? (int64_t)len : (int64_t)in;
+}
+
 static void file_close(struct bdev *d)
 {
 	close(F(d)->fd);
@@ -167,6 +178,7 @@ static const struct bdev_ops file_ops = {
 	.flush = file_flush,
 	.block_status = file_block_status,
 	.close = file_close,
+	.map = file_map,
 };
 
 int file_fd(struct bdev *file)

@@ -77,6 +77,11 @@ static int disk_block_status(struct bdev *d, uint64_t off, uint64_t len,
 	return bdev_block_status(IMG(d)->top, off, len, run, status, depth);
 }
 
+static int64_t disk_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	return bdev_map(IMG(d)->top, off, len, x);
+}
+
 /* Grow the disk (qcow2: like qemu-img resize); the disk view follows,
  * partitions stay where they are, the table is read again (a GPT's backup
  * belongs at the end). */
@@ -107,6 +112,7 @@ static const struct bdev_ops disk_ops = {
 	.block_status = disk_block_status,
 	.close = NULL, /* the image owns top */
 	.resize = disk_resize,
+	.map = disk_map,
 };
 
 /* ---- observers --------------------------------------------------------- */

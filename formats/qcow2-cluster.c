@@ -333,6 +333,72 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	return r;
 }
 
+/* The backing file's bytes where it has them, zeroes past its end. */
+static int64_t map_backing(struct qcow2 *s, uint64_t off, uint64_t len,
+			   struct bdev_extents *x)
+{
+	uint64_t bsize = s->backing ? s->backing->size : 0;
+	uint64_t n = off < bsize ? MIN(len, bsize - off) : 0;
+	int64_t m = n ? bdev_map(s->backing, off, n, x) : 0;
+
+	if (m < 0 || (uint64_t)m < n)
+		return m;
+	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
+}
+
+/* As read_host: the data file's bytes, zeroes past the end of an external
+ * one; past the end of the image file is damage: map nothing. */
+static int64_t map_host(struct qcow2 *s, uint64_t host, uint64_t len,
+			struct bdev_extents *x)
+{
+	uint64_t fsize = qcow2_file_size(s->data);
+	uint64_t n = host < fsize ? MIN(len, fsize - host) : 0;
+	int64_t m;
+
+	if (s->data == s->file && n < len)
+		return 0;
+	m = n ? bdev_map(s->data, host, n, x) : 0;
+	if (m < 0 || (uint64_t)m < n)
+		return m;
+	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
+}
+
+/* Mappable: plain and zero clusters, and unallocated ones over a mappable
+ * backing file; compressed clusters and damage end the mapping (the caller
+ * reads those, and gets the error there). */
+int64_t qcow2_map(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
+		  uint64_t len, struct bdev_extents *x)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		struct run run;
+		int64_t m;
+
+		if (map_run(s, l1, off + done, len - done, &run) < 0)
+			break;
+		switch (run.type) {
+		case QC_ZERO:
+			m = bdev_extents_add(x, -1, 0, run.len) ? (int64_t)run.len : 0;
+			break;
+		case QC_UNALLOC:
+			m = map_backing(s, off + done, run.len, x);
+			break;
+		case QC_NORMAL:
+			m = map_host(s, run.host, run.len, x);
+			break;
+		default:
+			return (int64_t)done;
+		}
+		if (m < 0)
+			return m;
+		done += (uint64_t)m;
+		if ((uint64_t)m < run.len)
+			break;
+	}
+	return (int64_t)done;
+}
+
 int qcow2_status(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 		 uint64_t len, uint64_t *out_run, unsigned *status, unsigned *depth)
 {

@@ -202,6 +202,9 @@ void qcow2_compressed_decode(unsigned cluster_bits, uint64_t entry,
 /* qcow2-cluster.c: the read path, over any L1 (active or snapshot) */
 int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	       size_t len, uint64_t off);
+/* bdev_map for the disk that l1 describes. */
+int64_t qcow2_map(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
+		  uint64_t len, struct bdev_extents *x);
 int qcow2_status(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 		 uint64_t len, uint64_t *run, unsigned *status, unsigned *depth);
 

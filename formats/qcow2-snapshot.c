@@ -200,6 +200,14 @@ static int snap_status(struct bdev *d, uint64_t off, uint64_t len,
 	return r < 0 ? r : qcow2_status(sd->s, &sd->l1, off, len, run, status, depth);
 }
 
+static int64_t snap_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	struct snap_dev *sd = d->priv;
+	int r = snap_l1(sd);
+
+	return r < 0 ? r : qcow2_map(sd->s, &sd->l1, off, len, x);
+}
+
 static void snap_close(struct bdev *d)
 {
 	struct snap_dev *sd = d->priv;
@@ -215,6 +223,7 @@ static const struct bdev_ops snap_ops = {
 	.pread = snap_pread,
 	.block_status = snap_status,
 	.close = snap_close,
+	.map = snap_map,
 };
 
 int qcow2_snapshot_open(struct bdev *d, unsigned i, struct bdev **out, struct err *e)

@@ -567,6 +567,14 @@ static int qcow2_dev_status(struct bdev *d, uint64_t off, uint64_t len,
 	return qcow2_status(s, &s->l1, off, len, run, status, depth);
 }
 
+static int64_t qcow2_dev_map(struct bdev *d, uint64_t off, uint64_t len,
+			     struct bdev_extents *x)
+{
+	struct qcow2 *s = d->priv;
+
+	return qcow2_map(s, &s->l1, off, len, x);
+}
+
 static void qcow2_dev_close(struct bdev *d)
 {
 	qcow2_free(d->priv);
@@ -583,6 +591,7 @@ static const struct bdev_ops qcow2_ops = {
 	.block_status = qcow2_dev_status,
 	.close = qcow2_dev_close,
 	.resize = qcow2_dev_resize,
+	.map = qcow2_dev_map,
 };
 
 int qcow2_open(struct bdev *file, const char *path, bool writable,

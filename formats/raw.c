@@ -75,6 +75,11 @@ static int raw_block_status(struct bdev *d, uint64_t off, uint64_t len,
 	return bdev_block_status(R(d)->file, off, len, run, status, depth);
 }
 
+static int64_t raw_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	return bdev_map(R(d)->file, off, len, x);
+}
+
 static void raw_close(struct bdev *d)
 {
 	bdev_close(R(d)->file);
@@ -89,6 +94,7 @@ static const struct bdev_ops raw_ops = {
 	.flush = raw_flush,
 	.block_status = raw_block_status,
 	.close = raw_close,
+	.map = raw_map,
 };
 
 struct bdev *raw_new(struct bdev *file, bool probed, bool read_only)

@@ -47,6 +47,11 @@ static int win_block_status(struct bdev *d, uint64_t off, uint64_t len,
 	return bdev_block_status(W(d)->base, W(d)->off + off, len, run, status, depth);
 }
 
+static int64_t win_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
+{
+	return bdev_map(W(d)->base, W(d)->off + off, len, x);
+}
+
 static void win_close(struct bdev *d)
 {
 	free(W(d));
@@ -60,6 +65,7 @@ static const struct bdev_ops window_ops = {
 	.flush = win_flush,
 	.block_status = win_block_status,
 	.close = win_close,
+	.map = win_map,
 };
 
 struct bdev *window_new(struct bdev *base, uint64_t off, uint64_t len, bool read_only)

@@ -23,6 +23,8 @@ struct fs {
 	struct stat image_st;/* the image file's mode, owner, times */
 	bool single_thread;  /* no page cache: -s cannot serve invalidation */
 	bool cached_writes;  /* writes through the page cache, not direct_io */
+	bool splice;         /* read replies spliced from the image file */
+	unsigned max_read;   /* the mount's max_read, 0 if none */
 	char *control_path;  /* NBD control socket, exposed as user.imgfs.control */
 	struct nbd_control *control;
 
@@ -35,6 +37,11 @@ struct fs {
 /* Requests: max_write, and the readahead the daemon asks the kernel for. */
 #define FS_MAX_IO (1u << 20)
 #define FS_READAHEAD_KB 2048u
+/* Spliced replies: at most FS_SPLICE_EXTENTS pieces of file or zeroes, and
+ * requests cut so that a reply (a page per piece, one for the header, one
+ * spare) fits a 1 MiB pipe. */
+#define FS_SPLICE_EXTENTS 16u
+#define FS_SPLICE_MAX_READ ((1u << 20) - 32 * 4096u)
 
 extern const struct fuse_lowlevel_ops fs_ops;
 void fs_init_nodes(struct fs *fs);

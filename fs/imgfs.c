@@ -46,6 +46,8 @@ struct cli {
 	char *snapshot;
 	int list, json;
 	int own_fsname, own_subtype; /* -o fsname=, subtype= given: keep them */
+	unsigned max_read;           /* -o max_read= given (init must agree) */
+	int no_splice;
 	int help, version;
 	int nonopts;
 	int bad;
@@ -65,6 +67,8 @@ static const struct fuse_opt cli_opts[] = {
 	OPT("no_backing", no_backing, 1),
 	OPT("--cache-size=%s", cache_size, 0),
 	OPT("cache_size=%s", cache_size, 0),
+	OPT("--no-splice", no_splice, 1),
+	OPT("no_splice", no_splice, 1),
 	OPT("--cached-writes", cached_writes, 1),
 	OPT("cached_writes", cached_writes, 1),
 	OPT("--pid-file=%s", pid_file, 0),
@@ -182,6 +186,8 @@ static int cli_proc(void *data, const char *arg, int key, struct fuse_args *out)
 				c->own_fsname = 1;
 			else if (!strncmp(arg, "subtype=", 8))
 				c->own_subtype = 1;
+			else if (!strncmp(arg, "max_read=", 9))
+				c->max_read = (unsigned)strtoul(arg + 9, NULL, 0);
 			return 1;
 		case MOUNT_OPT_IGNORED:
 			return 0;
@@ -233,11 +239,13 @@ static void usage(FILE *f)
 "  --cached-writes        writes go through the kernel page cache (default:\n"
 "                         files opened for writing use direct I/O, faster;\n"
 "                         a shared writable mmap needs this option)\n"
+"  --no-splice            copy read replies; by default (as root) they are\n"
+"                         spliced from the image file where it holds the bytes\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
 "                         no_backing, cache_size=, cached_writes,\n"
-"                         pid_file= (for fstab);\n"
+"                         no_splice, pid_file= (for fstab);\n"
 "                         mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
 "                         x-*...) are ignored\n"
 "  --pid-file=PATH        write the daemon's pid to PATH\n"
@@ -660,6 +668,24 @@ int main(int argc, char **argv)
 	}
 	fs->single_thread = c.single;
 	fs->cached_writes = c.cached_writes;
+	/*
+	 * Splice read replies from the image file (fs-ops.c op_read).  libfuse
+	 * splices only when a reply fits the thread's pipe, which may grow to
+	 * /proc/sys/fs/pipe-max-size (1 MiB by default) — and past a user's
+	 * pipe-user-pages-soft, to nothing, and then libfuse copies through an
+	 * mmap, at half speed.  Root is exempt from that limit: splice only
+	 * there, and cut requests to FS_SPLICE_MAX_READ so a reply fits.  A
+	 * max_read of the user's own is kept; replies past it are copied.
+	 */
+	fs->splice = !c.no_splice && !fs->single_thread && geteuid() == 0;
+	fs->max_read = c.max_read;
+	if (fs->splice && !c.max_read) {
+		char *mr = g_strdup_printf("-omax_read=%u", FS_SPLICE_MAX_READ);
+
+		fuse_opt_add_arg(&args, mr);
+		g_free(mr);
+		fs->max_read = FS_SPLICE_MAX_READ;
+	}
 	fs_init_nodes(fs);
 
 	/* -r: the kernel mount is read-only too, as with -o ro (findmnt shows it) */

@@ -127,7 +127,7 @@ offered() {
 @test "imgfs -o completes each mount option after a comma" {
 	complete_with _imgfs "$IMGFS" -o allow_o
 	offered allow_other
-	complete_with _imgfs "$IMGFS" -o ro,allow_other,no_
+	complete_with _imgfs "$IMGFS" -o ro,allow_other,no_b
 	offered ro,allow_other,no_backing
 }
 

@@ -152,3 +152,30 @@ teardown() {
 	umount mnt
 	not_mounted mnt
 }
+
+# Read replies are spliced from the image file as root (requests cut to fit
+# a pipe); --no-splice copies them; a max_read of the user's own is kept.
+# Every mode must give qemu's bytes over backing data, zero clusters, a
+# compressed cluster and plain clusters.
+@test "spliced, copied and max_read-limited reads all give qemu's bytes" {
+	[ "$(id -u)" = 0 ] || skip "splicing is for root"
+	qemu-img create -q -f qcow2 base.qcow2 8M
+	qemu-io -c "write -P 0x61 0 8M" base.qcow2 >/dev/null
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+	qemu-io -c "write -P 0x62 1M 1M" -c "write -z 2176k 64k" -c "write -c -P 0x63 3M 64k" \
+		-c "write -P 0x64 4000k 3M" top.qcow2 >/dev/null
+	qemu_raw top.qcow2 ref.raw
+	local opts
+	for opts in "" --no-splice "-o max_read=65536"; do
+		# shellcheck disable=SC2086
+		mount_imgfs top.qcow2 mnt $opts
+		case $opts in
+		"") grep -q " $PWD/mnt fuse.imgfs .*max_read=917504" /proc/mounts ;;
+		--no-splice) run grep " $PWD/mnt fuse.imgfs .*max_read=" /proc/mounts; [ "$status" -ne 0 ] ;;
+		*) grep -q " $PWD/mnt fuse.imgfs .*max_read=65536" /proc/mounts ;;
+		esac
+		echo 3 > /proc/sys/vm/drop_caches
+		same_bytes mnt/disk ref.raw
+		unmount_imgfs mnt
+	done
+}
