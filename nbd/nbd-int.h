@@ -87,6 +87,10 @@ struct nbd_conn {
 int nbd_conn_recv(struct nbd_conn *c, void *buf, size_t len);
 /* Send iov whole; caller holds send_lock in transmission. */
 int nbd_conn_sendv(struct nbd_conn *c, struct iovec *iov, int n);
+/* The same with sendmsg flags (MSG_MORE: more of this reply follows). */
+int nbd_conn_sendv_flags(struct nbd_conn *c, struct iovec *iov, int n, int flags);
+/* Send len bytes of fd from pos (sendfile); the caller holds send_lock. */
+int nbd_conn_sendfile(struct nbd_conn *c, int fd, uint64_t pos, uint64_t len);
 int nbd_conn_send(struct nbd_conn *c, const void *buf, size_t len);
 
 /* handshake.c: true if the client picked an export (c->exp set). */

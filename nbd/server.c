@@ -20,6 +20,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -88,9 +89,14 @@ int nbd_conn_recv(struct nbd_conn *c, void *buf, size_t len)
 
 int nbd_conn_sendv(struct nbd_conn *c, struct iovec *iov, int n)
 {
+	return nbd_conn_sendv_flags(c, iov, n, 0);
+}
+
+int nbd_conn_sendv_flags(struct nbd_conn *c, struct iovec *iov, int n, int flags)
+{
 	while (n > 0) {
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n };
-		ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+		ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | flags);
 
 		if (w < 0 && errno == EINTR)
 			continue;
@@ -107,6 +113,25 @@ int nbd_conn_sendv(struct nbd_conn *c, struct iovec *iov, int n)
 			iov->iov_base = (char *)iov->iov_base + w;
 			iov->iov_len -= w;
 		}
+	}
+	return 0;
+}
+
+int nbd_conn_sendfile(struct nbd_conn *c, int fd, uint64_t pos, uint64_t len)
+{
+	while (len) {
+		off_t o = (off_t)pos;
+		ssize_t w = sendfile(c->fd, fd, &o, (size_t)MIN(len, 1u << 30));
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			/* the bytes were promised in the header: the stream is lost */
+			c->send_failed = true;
+			return w < 0 ? -errno : -EIO;
+		}
+		pos += (uint64_t)w;
+		len -= (uint64_t)w;
 	}
 	return 0;
 }

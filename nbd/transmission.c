@@ -45,19 +45,34 @@ static int send_locked(struct nbd_conn *c, struct iovec *iov, int n)
 	return r;
 }
 
+static void simple_header(uint8_t *h, const struct nbd_req *rq, int err)
+{
+	put_be32(h, NBD_SIMPLE_REPLY_MAGIC);
+	put_be32(h + 4, nbd_errno_to_wire(err));
+	put_be64(h + 8, rq->cookie);
+}
+
 static int simple_reply(struct nbd_conn *c, const struct nbd_req *rq, int err,
 			const void *data, uint32_t len)
 {
 	uint8_t h[NBD_SIMPLE_REPLY_SIZE];
 	struct iovec iov[2] = { { h, sizeof(h) }, { (void *)data, len } };
 
-	put_be32(h, NBD_SIMPLE_REPLY_MAGIC);
-	put_be32(h + 4, nbd_errno_to_wire(err));
-	put_be64(h + 8, rq->cookie);
+	simple_header(h, rq, err);
 	return send_locked(c, iov, err || !len ? 1 : 2);
 }
 
 /* One structured chunk: header, a fixed part, then optional data. */
+static void chunk_header(uint8_t *h, const struct nbd_req *rq, uint16_t flags,
+			 uint16_t type, uint32_t len)
+{
+	put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
+	put_be16(h + 4, flags);
+	put_be16(h + 6, type);
+	put_be64(h + 8, rq->cookie);
+	put_be32(h + 16, len);
+}
+
 static int chunk_reply(struct nbd_conn *c, const struct nbd_req *rq,
 		       uint16_t flags, uint16_t type, const void *fixed,
 		       uint32_t flen, const void *data, uint32_t dlen)
@@ -67,11 +82,7 @@ static int chunk_reply(struct nbd_conn *c, const struct nbd_req *rq,
 		{ h, sizeof(h) }, { (void *)fixed, flen }, { (void *)data, dlen },
 	};
 
-	put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
-	put_be16(h + 4, flags);
-	put_be16(h + 6, type);
-	put_be64(h + 8, rq->cookie);
-	put_be32(h + 16, flen + dlen);
+	chunk_header(h, rq, flags, type, flen + dlen);
 	return send_locked(c, iov, dlen ? 3 : flen ? 2 : 1);
 }
 
@@ -143,6 +154,61 @@ static unsigned plan_sparse(struct nbd_conn *c, uint64_t off, uint32_t len,
 }
 
 /*
+ * Zero-copy data: send the reply's header (hdr), then the bytes of
+ * [off, off + len) straight from the host files that hold them (sendfile;
+ * zeroes from memory), all under send_lock: the page cache goes to the
+ * socket without a copy into our buffers.  1: sent; 0: the range does not
+ * map whole (a compressed cluster, damage: read it and send that); < 0:
+ * the connection failed.
+ */
+#define SEND_EXTENTS 16
+#define SENDFILE_MIN (8u << 10)
+
+static int send_zeroes(struct nbd_conn *c, uint64_t len, bool more)
+{
+	static const char zeroes[64 << 10];
+	int r = 0;
+
+	while (len && r == 0) {
+		struct iovec iov = { (void *)zeroes, (size_t)MIN(len, sizeof(zeroes)) };
+
+		len -= iov.iov_len;
+		r = nbd_conn_sendv_flags(c, &iov, 1, more || len ? MSG_MORE : 0);
+	}
+	return r;
+}
+
+static int send_mapped(struct nbd_conn *c, struct iovec *hdr, int nhdr,
+		       uint64_t off, uint32_t len)
+{
+	struct bdev_extent ext[SEND_EXTENTS];
+	struct bdev_extents x = { ext, SEND_EXTENTS, 0 };
+	int r;
+
+	if (len < SENDFILE_MIN || bdev_map(dev(c), off, len, &x) != (int64_t)len)
+		return 0;
+	pthread_mutex_lock(&c->send_lock);
+	r = c->send_failed ? -EPIPE : nbd_conn_sendv_flags(c, hdr, nhdr, MSG_MORE);
+	for (unsigned i = 0; i < x.n && r == 0; i++)
+		r = ext[i].fd < 0 ? send_zeroes(c, ext[i].len, i + 1 < x.n)
+				  : nbd_conn_sendfile(c, ext[i].fd, ext[i].pos, ext[i].len);
+	pthread_mutex_unlock(&c->send_lock);
+	if (r < 0)
+		shutdown(c->fd, SHUT_RDWR); /* unblock the reader: the peer is gone */
+	return r < 0 ? r : 1;
+}
+
+/* A simple READ reply sent by send_mapped; false: read it. */
+static bool send_mapped_simple(struct nbd_conn *c, const struct nbd_req *rq)
+{
+	uint8_t h[NBD_SIMPLE_REPLY_SIZE];
+	struct iovec hdr = { h, sizeof(h) };
+
+	simple_header(h, rq, 0);
+	return send_mapped(c, &hdr, 1, rq->offset, rq->len) != 0;
+}
+
+/*
  * Each worker keeps one read buffer of up to WORKER_BUF_MAX bytes, freed
  * when the worker ends with its connection.  A malloc/free of 256 KiB per
  * READ had glibc trim and refault its heap: ~3000 madvise calls per GiB
@@ -201,7 +267,16 @@ static void cmd_read_structured(struct nbd_conn *c, const struct nbd_req *rq)
 			r = chunk_reply(c, rq, fl, ch[i].type, b, 12, NULL, 0);
 		} else {
 			char *p = buf + (ch[i].off - rq->offset);
+			uint8_t h[NBD_STRUCTURED_REPLY_SIZE];
+			struct iovec hdr[2] = { { h, sizeof(h) }, { b, 8 } };
 
+			chunk_header(h, rq, fl, ch[i].type, 8 + ch[i].len);
+			r = send_mapped(c, hdr, 2, ch[i].off, ch[i].len);
+			if (r != 0) {
+				if (r < 0)
+					break;
+				continue;
+			}
 			r = bdev_pread(dev(c), p, ch[i].len, ch[i].off);
 			if (r < 0) {
 				error_chunk(c, rq, r, true, ch[i].off);
@@ -233,6 +308,8 @@ static void cmd_read(struct nbd_conn *c, const struct nbd_req *rq)
 		cmd_read_structured(c, rq);
 		return;
 	}
+	if (send_mapped_simple(c, rq))
+		return;
 	buf = read_buf(rq->len);
 	r = bdev_pread(dev(c), buf, rq->len, rq->offset);
 	simple_reply(c, rq, r, buf, rq->len);

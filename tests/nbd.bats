@@ -152,6 +152,31 @@ PY
 	same_bytes out.raw ref.raw
 }
 
+# Data replies go straight from the files that hold the bytes (sendfile),
+# zeroes from memory; compressed clusters are read and sent as before.
+@test "sendfile replies give qemu's bytes over backing, zero and compressed clusters, structured or simple" {
+	qemu-img create -q -f qcow2 base.qcow2 8M
+	qemu-io -c "write -P 0x61 0 8M" base.qcow2 >/dev/null
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+	qemu-io -c "write -P 0x62 1M 1M" -c "write -z 2176k 64k" -c "write -c -P 0x63 3M 64k" \
+		-c "write -P 0x64 4000k 3M" top.qcow2 >/dev/null
+	qemu-img convert -O raw top.qcow2 ref.raw
+	start_nbd a -t -r top.qcow2
+	nbdcopy "$URI" out.raw
+	same_bytes out.raw ref.raw
+	$PY -c '
+import nbd, sys
+h = nbd.NBD()
+h.set_request_structured_replies(False)
+h.connect_uri(sys.argv[1])
+assert not h.get_structured_replies_negotiated()
+with open(sys.argv[2], "wb") as f:
+    for off in range(0, h.get_size(), 900 * 1024):
+        f.write(h.pread(min(900 * 1024, h.get_size() - off), off))
+' "$URI" simple.raw
+	same_bytes simple.raw ref.raw
+}
+
 @test "qemu-img compare finds the export identical to the image" {
 	start_nbd a a.qcow2
 	qemu-img compare -U a.qcow2 "$URI"
