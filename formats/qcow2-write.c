@@ -173,15 +173,14 @@ static int l2_locate(struct qcow2 *s, uint64_t cl, bool for_write, struct l2ref 
 	int r;
 
 	memset(ref, 0, sizeof(*ref));
+	/* the active L1 covers the disk (checked at open, grown by resize):
+	 * an index past it would make l1_set write past the array */
 	if (i >= s->l1.size)
 		return -EIO;
+	r = qcow2_l1_lookup(s, &s->l1, i, &l2);
+	if (r < 0)
+		return r;
 	e = s->l1.table[i];
-	l2 = e & QCOW2_OFFSET_MASK;
-	if ((e & QCOW2_L1E_RESERVED) ||
-	    (l2 && (!is_aligned(l2, s->cluster_size) ||
-		    range_exceeds(l2, s->cluster_size, qcow2_file_size(s->file)))))
-		return qcow2_damage(s, s->l1.offset + i * 8, "active L1 entry %" PRIu64 " is invalid (0x%016" PRIx64 ")",
-				    i, e);
 	if (!l2) {
 		if (!for_write)
 			return 0;
@@ -213,9 +212,7 @@ static int l2_get(struct qcow2 *s, const struct l2ref *ref, uint64_t *ent, uint6
 	uint8_t b[16];
 	int r;
 
-	*ent = *bm = 0;
-	if (!ref->has_table)
-		return 0;
+	*bm = 0;
 	r = qcow2_cache_read(s->l2_cache, ref->slice_off, ref->in_off, b, s->l2_entry_size);
 	if (r < 0)
 		return r;
@@ -320,7 +317,7 @@ static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_
 	uint64_t cs = s->cluster_size, guest = cl << s->cluster_bits;
 	uint64_t scs = 1ull << s->subcluster_bits;
 	uint64_t ent, bm, newhost = 0, new_bm = 0;
-	uint32_t lo, hi, alloc, zero, touched = 0;
+	uint32_t lo, hi;
 	bool plain;
 	struct l2ref ref;
 	struct old o;
@@ -339,27 +336,24 @@ static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_
 		goto unlock;
 
 	/* the bytes [lo, hi) of the cluster that the new host cluster gets */
-	alloc = (uint32_t)bm;
-	zero = (uint32_t)(bm >> 32);
 	if (!s->extended_l2) {
 		plain = o.inplace && o.has_host && !(ent & QCOW2_OFLAG_ZERO);
 		lo = 0;
 		hi = (uint32_t)cs;
 	} else {
 		unsigned sa = a >> s->subcluster_bits, sb = (b - 1) >> s->subcluster_bits;
-		uint32_t span;
+		uint32_t alloc = (uint32_t)bm, zero = (uint32_t)(bm >> 32);
+		uint32_t touched = sc_mask(sa, sb), span;
 
-		touched = sc_mask(sa, sb);
 		plain = o.inplace && o.has_host && (touched & ~alloc) == 0;
 		if (o.compressed) {
 			span = 0xffffffffu;
 			new_bm = 0xffffffffu;
 		} else {
-			/* a shared cluster keeps its allocated subclusters */
+			/* a shared cluster keeps its allocated subclusters (alloc
+			 * is 0 without a host cluster: qcow2_l2_decode checked) */
 			span = touched | (o.has_host && !o.inplace ? alloc : 0);
 			new_bm = (alloc | touched) | (uint64_t)(zero & ~touched) << 32;
-			if (!o.has_host)
-				new_bm = touched | (uint64_t)(zero & ~touched) << 32;
 		}
 		lo = (uint32_t)(__builtin_ctz(span) * scs);
 		hi = (uint32_t)((32 - __builtin_clz(span)) * scs);
@@ -384,7 +378,7 @@ static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_
 	}
 
 	if (o.inplace)
-		newhost = o.has_host ? o.host : guest; /* data file: host == guest */
+		newhost = o.host; /* data file: classify made it the guest offset */
 	else
 		r = qcow2_alloc_clusters(s, 1, &newhost);
 	pthread_mutex_unlock(&w->lock);
@@ -410,11 +404,8 @@ static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_
 		goto unlock;
 	}
 	r = l2_locate(s, cl, true, &ref);
-	if (r == 0) {
-		uint64_t e = (s->data_file ? guest : newhost) | QCOW2_OFLAG_COPIED;
-
-		r = l2_set(s, &ref, e, s->extended_l2 ? new_bm : 0);
-	}
+	if (r == 0)
+		r = l2_set(s, &ref, newhost | QCOW2_OFLAG_COPIED, new_bm);
 	if (r == 0 && !o.inplace)
 		release_old(s, &o);
 unlock:
@@ -432,7 +423,7 @@ out:
 static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool unmap)
 {
 	struct qcow2_writer *w = s->w;
-	uint64_t guest = cl << s->cluster_bits, ent, bm, new_ent, new_bm = 0, rc = 1;
+	uint64_t guest = cl << s->cluster_bits, ent, bm, new_ent, new_bm;
 	bool unalloc_is_zero = !s->backing || guest >= s->backing->size;
 	struct l2ref ref;
 	struct old o;
@@ -451,8 +442,6 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		r = classify(s, cl, ent, bm, &o);
 	if (r < 0)
 		goto unlock;
-	if (o.has_host && !s->data_file)
-		rc = o.inplace ? 1 : 2;
 
 	if (!s->extended_l2) {
 		if (s->version < 3) {
@@ -460,7 +449,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 			new_ent = 0;
 		} else if (o.compressed || !o.has_host) {
 			new_ent = QCOW2_OFLAG_ZERO;
-		} else if (s->data_file || (rc == 1 && !unmap)) {
+		} else if (s->data_file || (o.inplace && !unmap)) {
 			new_ent = ent | QCOW2_OFLAG_ZERO; /* keeps its cluster */
 		} else {
 			new_ent = QCOW2_OFLAG_ZERO;
@@ -468,7 +457,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		if (new_ent == ent)
 			goto unlock;
 		r = l2_set(s, &ref, new_ent, 0);
-		if (r == 0 && !(new_ent & QCOW2_OFFSET_MASK) && !(new_ent & QCOW2_OFLAG_COPIED))
+		if (r == 0 && !(new_ent & QCOW2_OFFSET_MASK))
 			release_old(s, &o);
 		goto unlock;
 	}
@@ -491,7 +480,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		zero |= z;
 		new_bm = alloc | (uint64_t)zero << 32;
 		new_ent = ent;
-		if (o.has_host && !s->data_file && !alloc && (unmap || rc != 1))
+		if (o.has_host && !s->data_file && !alloc && (unmap || !o.inplace))
 			new_ent = 0; /* nothing left in the host cluster */
 		if (new_ent == ent && new_bm == bm)
 			goto unlock;

@@ -222,6 +222,31 @@ static void test_alloc_reftable_growth(void)
 	g_free(raw);
 }
 
+/* A new L2 table is zeroed on disk and its slices go into the cache as
+ * they are: none is read back (16 reads of 4 KiB with 64 KiB clusters). */
+static void test_new_l2_not_read_back(void)
+{
+	char *img = tpath("newl2.qcow2");
+	struct bdev *d;
+	struct qcow2 *s;
+	uint64_t hits, misses;
+	unsigned n;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 %s 64M", img);
+	d = open_rw(img);
+	s = qcow2_state(d);
+	g_assert_cmpint(bdev_pwrite(d, "X", 1, 3 << 20, 0), ==, 0);
+	qcow2_cache_stats(s->l2_cache, &hits, &misses, &n);
+	g_assert_cmpuint(misses, ==, 0);
+	g_assert_cmpuint(n, ==, 65536 / 4096);
+	bdev_close(d);
+	assert_clean(img);
+	sh("qemu-io -c 'read -P 0x58 3M 1' -c 'read -P 0 0 3M' %s >/dev/null", img);
+	g_free(img);
+}
+
 /* ---- copy-on-write --------------------------------------------------------------- */
 
 static void test_cow_backing(void)
@@ -358,6 +383,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2-write/alloc/reuse", test_alloc_reuse);
 	g_test_add_func("/qcow2-write/alloc/widths", test_alloc_widths);
 	g_test_add_func("/qcow2-write/alloc/reftable-growth", test_alloc_reftable_growth);
+	g_test_add_func("/qcow2-write/alloc/new-l2-not-read-back", test_new_l2_not_read_back);
 	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
 	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
 	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
