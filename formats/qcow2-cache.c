@@ -148,8 +148,12 @@ static struct slice *lookup(struct qcow2_cache *c, uint64_t off)
 	return sl;
 }
 
-/* Returns with the lock held and the slice present, or an error unlocked. */
-static int get_locked(struct qcow2_cache *c, uint64_t off, struct slice **out)
+/*
+ * Returns with the lock held and the slice present, or an error unlocked.
+ * !load: the caller overwrites the whole slice before it drops the lock,
+ * so a miss inserts it without reading the disk.
+ */
+static int get_locked(struct qcow2_cache *c, uint64_t off, bool load, struct slice **out)
 {
 	struct slice *sl, *fresh;
 	int r;
@@ -161,14 +165,14 @@ static int get_locked(struct qcow2_cache *c, uint64_t off, struct slice **out)
 		*out = sl;
 		return 0;
 	}
-	c->misses++;
+	c->misses += load;
 	pthread_mutex_unlock(&c->lock);
 
 	fresh = xmalloc(sizeof(*fresh) + c->slice_size);
 	fresh->off = off;
 	fresh->dirty = false;
 	fresh->writing = false;
-	r = bdev_pread(c->file, fresh->data, c->slice_size, off);
+	r = load ? bdev_pread(c->file, fresh->data, c->slice_size, off) : 0;
 	if (r < 0) {
 		free(fresh);
 		return r;
@@ -200,7 +204,7 @@ int qcow2_cache_read(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 
 	if (in_off > c->slice_size || n > c->slice_size - in_off)
 		return -EINVAL;
-	r = get_locked(c, slice_off, &sl);
+	r = get_locked(c, slice_off, true, &sl);
 	if (r < 0)
 		return r;
 	memcpy(dst, sl->data + in_off, n);
@@ -216,7 +220,8 @@ int qcow2_cache_write(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off
 
 	if (in_off > c->slice_size || n > c->slice_size - in_off)
 		return -EINVAL;
-	r = get_locked(c, slice_off, &sl);
+	/* a whole slice (a new L2 table) needs nothing from the disk */
+	r = get_locked(c, slice_off, n < c->slice_size, &sl);
 	if (r < 0)
 		return r;
 	memcpy(sl->data + in_off, src, n);

@@ -106,11 +106,9 @@ static uint64_t to_l1_end(const struct qcow2 *s, uint64_t off, uint64_t len)
 	return MIN(len, span - (off & (span - 1)));
 }
 
-/* The L2 table for guest offset off: *l2_off is 0 when unallocated. */
-static int l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
-		     uint64_t *l2_off)
+int qcow2_l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t idx,
+		    uint64_t *l2_off)
 {
-	uint64_t idx = off >> (s->cluster_bits + s->l2_bits);
 	uint64_t e;
 
 	*l2_off = 0;
@@ -147,7 +145,7 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 	int r;
 
 	memset(run, 0, sizeof(*run));
-	r = l1_lookup(s, l1, off, &l2_off);
+	r = qcow2_l1_lookup(s, l1, off >> (s->cluster_bits + s->l2_bits), &l2_off);
 	if (r < 0)
 		return r;
 	if (!l2_off) {

@@ -199,6 +199,10 @@ enum qcow2_sc_type qcow2_l2_decode(const struct qcow2 *s, uint64_t entry,
 void qcow2_compressed_decode(unsigned cluster_bits, uint64_t entry,
 			     uint64_t *coffset, uint64_t *csize);
 
+/* qcow2-cluster.c: the L2 table of L1 entry idx, checked to be aligned and
+ * inside the file; *l2_off is 0 when unallocated (or idx past the table). */
+int qcow2_l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t idx,
+		    uint64_t *l2_off);
 /* qcow2-cluster.c: the read path, over any L1 (active or snapshot) */
 int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	       size_t len, uint64_t off);
@@ -217,7 +221,8 @@ void qcow2_cache_free(struct qcow2_cache *c);
 int qcow2_cache_read(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 		     void *dst, uint32_t n);
 /* Hooks for the write path: update bytes of a cached slice (loading it if
- * needed) and mark it dirty; write dirty slices back. */
+ * needed: not for a write of the whole slice) and mark it dirty; write
+ * dirty slices back. */
 int qcow2_cache_write(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 		      const void *src, uint32_t n);
 int qcow2_cache_flush(struct qcow2_cache *c);
@@ -226,7 +231,7 @@ int qcow2_cache_flush(struct qcow2_cache *c);
 void qcow2_cache_set_check(struct qcow2_cache *c,
 			   int (*check)(void *opaque, uint64_t off, uint32_t len),
 			   void *opaque);
-/* Statistics for tests. */
+/* Statistics for tests: misses count the slices read from the disk. */
 void qcow2_cache_stats(struct qcow2_cache *c, uint64_t *hits, uint64_t *misses,
 		       unsigned *entries);
 

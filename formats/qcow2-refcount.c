@@ -193,7 +193,9 @@ static int find_free(struct qcow2 *s, uint64_t n, uint64_t *out);
 /*
  * A new refcount block for range idx; the clusters [avoid_lo, avoid_hi)
  * are being allocated and must not hold it.  Placed inside its own range
- * (all free: no block means no refcounts) and counting itself there.
+ * where it can (all free: no block means no refcounts), so that it counts
+ * itself; else (a repair of a range in use) in a free cluster elsewhere,
+ * counted by that cluster's block.
  */
 static int new_refblock(struct qcow2 *s, uint64_t idx, uint64_t avoid_lo, uint64_t avoid_hi)
 {
@@ -217,38 +219,24 @@ static int new_refblock(struct qcow2 *s, uint64_t idx, uint64_t avoid_lo, uint64
 	for (c = lo; c < base + w->rb_entries; c++)
 		if ((c < avoid_lo || c >= avoid_hi) && !qcow2_mset_get(&w->meta, c))
 			break;
-	if (c >= base + w->rb_entries) {
-		/* no room in its own range (a repair of a range in use): the
-		 * block goes to a free cluster elsewhere, counted there */
-		uint64_t c2;
-
-		r = find_free(s, 1, &c2);
+	if (c >= base + w->rb_entries) { /* no room in its own range */
+		r = find_free(s, 1, &c);
 		if (r < 0)
 			return r;
-		w->alloc_end = MAX(w->alloc_end, c2 + 1);
-		rb = xcalloc(1, sizeof(*rb) + s->cluster_size);
-		rb->off = c2 << s->cluster_bits;
-		rb->dirty = true;
-		w->rbs[idx] = rb;
-		w->rbs_loaded++;
-		w->reftable[idx] = rb->off;
-		w->rt_dirty = true;
-		qcow2_mset_put(&w->meta, c2, QM_REFBLOCK);
-		return qcow2_rc_add(s, c2, +1);
 	}
 	if ((c << s->cluster_bits) > QCOW2_MAX_HOST_CLUSTER_OFFSET)
 		return -EFBIG;
 	rb = xcalloc(1, sizeof(*rb) + s->cluster_size);
 	rb->off = c << s->cluster_bits;
 	rb->dirty = true;
-	qcow2_rc_entry_set(rb->data, w->rc_order, c - base, 1);
 	w->rbs[idx] = rb;
 	w->rbs_loaded++;
 	w->reftable[idx] = rb->off;
 	w->rt_dirty = true;
 	w->alloc_end = MAX(w->alloc_end, c + 1);
 	qcow2_mset_put(&w->meta, c, QM_REFBLOCK);
-	return 0;
+	/* in its own range this lands in the block just made */
+	return qcow2_rc_add(s, c, +1);
 }
 
 /*
@@ -335,34 +323,18 @@ static int grow_reftable(struct qcow2 *s, uint64_t need)
 
 int qcow2_rc_add(struct qcow2 *s, uint64_t cluster, int delta)
 {
-	struct qcow2_writer *w = s->w;
-	uint64_t idx = cluster / w->rb_entries, v;
-	struct qcow2_rblock *rb;
+	uint64_t v;
 	int r;
 
-	if (!covered(w, idx)) {
-		if (delta < 0)
-			return qcow2_signal_corruption(s, "freeing cluster 0x%" PRIx64 " whose refcount is already 0",
-						       cluster << s->cluster_bits);
-		r = new_refblock(s, idx, cluster, cluster + 1);
-		if (r < 0)
-			return r;
-	}
-	r = load_rb(s, idx, &rb);
+	r = qcow2_rc_get(s, cluster, &v);
 	if (r < 0)
 		return r;
-	v = qcow2_rc_entry_get(rb->data, w->rc_order, cluster % w->rb_entries);
-	if (delta > 0 && v == w->rc_max)
+	if (delta > 0 && v == s->w->rc_max)
 		return -ERANGE; /* refcount overflow: the caller fails the write */
 	if (delta < 0 && v == 0)
 		return qcow2_signal_corruption(s, "freeing cluster 0x%" PRIx64 " whose refcount is already 0",
 					       cluster << s->cluster_bits);
-	v = delta > 0 ? v + 1 : v - 1;
-	qcow2_rc_entry_set(rb->data, w->rc_order, cluster % w->rb_entries, v);
-	rb->dirty = true;
-	if (v == 0 && cluster < w->free_hint)
-		w->free_hint = cluster;
-	return 0;
+	return qcow2_rc_set(s, cluster, delta > 0 ? v + 1 : v - 1);
 }
 
 int qcow2_rc_set(struct qcow2 *s, uint64_t cluster, uint64_t v)

@@ -12,6 +12,10 @@
  * read path at the guest offset (old data, backing file, zeroes or the
  * decompressed cluster) and merged with the new bytes; with extended L2
  * only the touched subclusters are filled and marked allocated.
+ *
+ * A request's clusters are planned together, and their data goes out as
+ * one pwrite per run of host-contiguous clusters (as the read path reads
+ * runs): 1 pwrite, not 16, for 1 MiB of new 64 KiB clusters.
  */
 #include "qcow2-write.h"
 
@@ -21,6 +25,10 @@
 
 /* metadata changes (dirty L2 slices, frees) before a flush of our own */
 #define AUTO_FLUSH_UPDATES 4096
+/* clusters planned (allocated) at once by a write, and the bytes: bounds
+ * the plan and the copy-on-write buffer of one pwrite */
+#define BATCH_CLUSTERS 2048
+#define BATCH_BYTES (8ull << 20)
 
 /* ---- header ---------------------------------------------------------------- */
 
@@ -173,15 +181,14 @@ static int l2_locate(struct qcow2 *s, uint64_t cl, bool for_write, struct l2ref 
 	int r;
 
 	memset(ref, 0, sizeof(*ref));
+	/* the active L1 covers the disk (checked at open, grown by resize):
+	 * an index past it would make l1_set write past the array */
 	if (i >= s->l1.size)
 		return -EIO;
+	r = qcow2_l1_lookup(s, &s->l1, i, &l2);
+	if (r < 0)
+		return r;
 	e = s->l1.table[i];
-	l2 = e & QCOW2_OFFSET_MASK;
-	if ((e & QCOW2_L1E_RESERVED) ||
-	    (l2 && (!is_aligned(l2, s->cluster_size) ||
-		    range_exceeds(l2, s->cluster_size, qcow2_file_size(s->file)))))
-		return qcow2_damage(s, s->l1.offset + i * 8, "active L1 entry %" PRIu64 " is invalid (0x%016" PRIx64 ")",
-				    i, e);
 	if (!l2) {
 		if (!for_write)
 			return 0;
@@ -213,9 +220,7 @@ static int l2_get(struct qcow2 *s, const struct l2ref *ref, uint64_t *ent, uint6
 	uint8_t b[16];
 	int r;
 
-	*ent = *bm = 0;
-	if (!ref->has_table)
-		return 0;
+	*bm = 0;
 	r = qcow2_cache_read(s->l2_cache, ref->slice_off, ref->in_off, b, s->l2_entry_size);
 	if (r < 0)
 		return r;
@@ -237,18 +242,6 @@ static int l2_set(struct qcow2 *s, const struct l2ref *ref, uint64_t ent, uint64
 }
 
 /* ---- data ------------------------------------------------------------------ */
-
-static int data_write(struct qcow2 *s, uint64_t host, const void *buf, size_t len)
-{
-	int r;
-
-	if (!s->data_file) {
-		r = qcow2_overlap_check(s, host, len, 0);
-		if (r < 0)
-			return r;
-	}
-	return bdev_pwrite(s->data, buf, len, host, 0);
-}
 
 static uint32_t sc_mask(unsigned first, unsigned last)
 {
@@ -311,116 +304,214 @@ static void release_old(struct qcow2 *s, const struct old *o)
 }
 
 /*
- * Write [a, b) of guest cluster cl (src NULL: zeroes).  The caller holds the
- * in-flight range of cl.
+ * One guest cluster's part of a write, planned with the lock held: which
+ * host cluster gets which bytes, and what its L2 entry becomes.
  */
-static int write_piece(struct qcow2 *s, uint64_t cl, const uint8_t *src, uint32_t a, uint32_t b)
-{
-	struct qcow2_writer *w = s->w;
-	uint64_t cs = s->cluster_size, guest = cl << s->cluster_bits;
-	uint64_t scs = 1ull << s->subcluster_bits;
-	uint64_t ent, bm, newhost = 0, new_bm = 0;
-	uint32_t lo, hi, alloc, zero, touched = 0;
-	bool plain;
-	struct l2ref ref;
+struct piece {
+	uint64_t cl;
+	uint32_t a, b;      /* the bytes of the cluster the request writes */
+	uint32_t lo, hi;    /* the bytes the host cluster gets: [a, b) and the
+			     * copy-on-write around it */
+	uint64_t host;      /* that host cluster (data file: the guest offset) */
+	uint64_t new_bm;    /* extended L2: the new subcluster bitmap */
+	bool plain;         /* in place into allocated (sub)clusters: the entry
+			     * stays (gains COPIED if it lacks it) */
 	struct old o;
-	uint8_t *buf = NULL;
+};
+
+/* p is not linked (a write failed): its new cluster goes.  Lock held. */
+static void unplan_piece(struct qcow2 *s, const struct piece *p)
+{
+	if (!p->plain && !p->o.inplace)
+		qcow2_free_later(s, p->host, 1);
+}
+
+/* Plan the write of [a, b) of guest cluster cl into *p.  Lock held. */
+static int plan_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, struct piece *p)
+{
+	uint64_t scs = 1ull << s->subcluster_bits;
+	struct l2ref ref;
+	uint64_t ent, bm;
 	int r;
 
-	pthread_mutex_lock(&w->lock);
-	r = ensure_header(s);
-	if (r == 0)
-		r = l2_locate(s, cl, true, &ref);
+	memset(p, 0, sizeof(*p));
+	p->cl = cl;
+	p->a = a;
+	p->b = b;
+	r = l2_locate(s, cl, true, &ref);
 	if (r == 0)
 		r = l2_get(s, &ref, &ent, &bm);
 	if (r == 0)
-		r = classify(s, cl, ent, bm, &o);
+		r = classify(s, cl, ent, bm, &p->o);
 	if (r < 0)
-		goto unlock;
+		return r;
 
-	/* the bytes [lo, hi) of the cluster that the new host cluster gets */
-	alloc = (uint32_t)bm;
-	zero = (uint32_t)(bm >> 32);
 	if (!s->extended_l2) {
-		plain = o.inplace && o.has_host && !(ent & QCOW2_OFLAG_ZERO);
-		lo = 0;
-		hi = (uint32_t)cs;
+		p->plain = p->o.inplace && p->o.has_host && !(ent & QCOW2_OFLAG_ZERO);
+		p->lo = 0;
+		p->hi = (uint32_t)s->cluster_size;
 	} else {
 		unsigned sa = a >> s->subcluster_bits, sb = (b - 1) >> s->subcluster_bits;
-		uint32_t span;
+		uint32_t alloc = (uint32_t)bm, zero = (uint32_t)(bm >> 32);
+		uint32_t touched = sc_mask(sa, sb), span;
 
-		touched = sc_mask(sa, sb);
-		plain = o.inplace && o.has_host && (touched & ~alloc) == 0;
-		if (o.compressed) {
+		p->plain = p->o.inplace && p->o.has_host && (touched & ~alloc) == 0;
+		if (p->o.compressed) {
 			span = 0xffffffffu;
-			new_bm = 0xffffffffu;
+			p->new_bm = 0xffffffffu;
 		} else {
-			/* a shared cluster keeps its allocated subclusters */
-			span = touched | (o.has_host && !o.inplace ? alloc : 0);
-			new_bm = (alloc | touched) | (uint64_t)(zero & ~touched) << 32;
-			if (!o.has_host)
-				new_bm = touched | (uint64_t)(zero & ~touched) << 32;
+			/* a shared cluster keeps its allocated subclusters (alloc
+			 * is 0 without a host cluster: qcow2_l2_decode checked) */
+			span = touched | (p->o.has_host && !p->o.inplace ? alloc : 0);
+			p->new_bm = (alloc | touched) | (uint64_t)(zero & ~touched) << 32;
 		}
-		lo = (uint32_t)(__builtin_ctz(span) * scs);
-		hi = (uint32_t)((32 - __builtin_clz(span)) * scs);
+		p->lo = (uint32_t)(__builtin_ctz(span) * scs);
+		p->hi = (uint32_t)((32 - __builtin_clz(span)) * scs);
 	}
-
-	if (plain) {
+	if (p->plain) {
 		/* in place, refcount 1: only the bytes change */
-		pthread_mutex_unlock(&w->lock);
-		if (src) {
-			r = data_write(s, o.host + a, src, b - a);
-		} else {
-			buf = xcalloc(1, b - a);
-			r = data_write(s, o.host + a, buf, b - a);
-		}
-		if (r < 0 || (ent & QCOW2_OFLAG_COPIED))
-			goto out;
-		pthread_mutex_lock(&w->lock);
-		r = l2_locate(s, cl, true, &ref);
-		if (r == 0)
-			r = l2_set(s, &ref, ent | QCOW2_OFLAG_COPIED, bm);
-		goto unlock;
+		p->lo = a;
+		p->hi = b;
 	}
 
-	if (o.inplace)
-		newhost = o.has_host ? o.host : guest; /* data file: host == guest */
-	else
-		r = qcow2_alloc_clusters(s, 1, &newhost);
-	pthread_mutex_unlock(&w->lock);
+	if (p->o.inplace) {
+		p->host = p->o.host; /* data file: classify made it the guest offset */
+	} else {
+		r = qcow2_alloc_clusters(s, 1, &p->host);
+		if (r < 0)
+			return r;
+	}
+	/* checked here, under the lock the metadata set needs; the cluster is
+	 * ours until its entry is linked, so no metadata moves into it */
+	if (!s->data_file) {
+		r = qcow2_overlap_check(s, p->host + p->lo, p->hi - p->lo, 0);
+		if (r < 0)
+			unplan_piece(s, p);
+	}
+	return r;
+}
+
+/* The data of p is written: point its L2 entry at it.  Lock held. */
+static int link_piece(struct qcow2 *s, const struct piece *p)
+{
+	struct l2ref ref;
+	int r;
+
+	if (p->plain && (p->o.ent & QCOW2_OFLAG_COPIED))
+		return 0;
+	r = l2_locate(s, p->cl, true, &ref);
 	if (r < 0)
-		goto out;
+		return r;
+	if (p->plain)
+		return l2_set(s, &ref, p->o.ent | QCOW2_OFLAG_COPIED, p->o.bm);
+	r = l2_set(s, &ref, p->host | QCOW2_OFLAG_COPIED, p->new_bm);
+	if (r == 0 && !p->o.inplace)
+		release_old(s, &p->o);
+	return r;
+}
 
-	buf = xmalloc(cs);
-	/* copy-on-write: what the guest sees now, through the read path */
-	if (a > lo || b < hi)
-		r = qcow2_read(s, &s->l1, buf + lo, hi - lo, guest + lo);
-	if (r == 0) {
-		if (src)
-			memcpy(buf + a, src, b - a);
-		else
-			memset(buf + a, 0, b - a);
-		r = data_write(s, newhost + lo, buf + lo, hi - lo);
-	}
+/* q's bytes follow p's on the host: one pwrite writes both. */
+static bool host_contiguous(const struct qcow2 *s, const struct piece *p, const struct piece *q)
+{
+	return p->hi == s->cluster_size && q->lo == 0 && q->host == p->host + s->cluster_size;
+}
 
-	pthread_mutex_lock(&w->lock);
-	if (r < 0) {
-		if (!o.inplace)
-			qcow2_free_later(s, newhost, 1);
-		goto unlock;
-	}
-	r = l2_locate(s, cl, true, &ref);
-	if (r == 0) {
-		uint64_t e = (s->data_file ? guest : newhost) | QCOW2_OFLAG_COPIED;
+/*
+ * Write the pieces p[0..n), host-contiguous, with one pwrite.  The request
+ * is [off, end) with its bytes at src (NULL: zeroes).  Straight from src
+ * when the run is all request bytes; else through a buffer that gets the
+ * copy-on-write bytes from the read path at the guest offset (old data,
+ * backing file, zeroes or the decompressed cluster).  No lock held.
+ */
+static int write_run(struct qcow2 *s, const struct piece *p, size_t n,
+		     const uint8_t *src, uint64_t off, uint64_t end)
+{
+	uint64_t g0 = (p[0].cl << s->cluster_bits) + p[0].lo;
+	uint64_t g1 = (p[n - 1].cl << s->cluster_bits) + p[n - 1].hi;
+	uint64_t host = p[0].host + p[0].lo, from, to;
+	uint8_t *buf;
+	int r = 0;
 
-		r = l2_set(s, &ref, e, s->extended_l2 ? new_bm : 0);
+	if (src && g0 >= off && g1 <= end)
+		return bdev_pwrite(s->data, src + (g0 - off), g1 - g0, host, 0);
+	buf = xmalloc(g1 - g0);
+	/* only the request's first and last cluster can need it */
+	for (size_t k = 0; k < n && r == 0; k++) {
+		uint64_t guest = p[k].cl << s->cluster_bits;
+
+		if (p[k].lo < p[k].a)
+			r = qcow2_read(s, &s->l1, buf + (guest + p[k].lo - g0), p[k].a - p[k].lo,
+				       guest + p[k].lo);
+		if (r == 0 && p[k].b < p[k].hi)
+			r = qcow2_read(s, &s->l1, buf + (guest + p[k].b - g0), p[k].hi - p[k].b,
+				       guest + p[k].b);
 	}
-	if (r == 0 && !o.inplace)
-		release_old(s, &o);
-unlock:
-	pthread_mutex_unlock(&w->lock);
-out:
+	from = MAX(g0, off);
+	to = MIN(g1, end);
+	if (src)
+		memcpy(buf + (from - g0), src + (from - off), to - from);
+	else
+		memset(buf + (from - g0), 0, to - from);
+	if (r == 0)
+		r = bdev_pwrite(s->data, buf, g1 - g0, host, 0);
 	free(buf);
+	return r;
+}
+
+/*
+ * Write [off, off+len) (src NULL: zeroes); the caller holds its in-flight
+ * range.  In batches: plan every cluster under the lock (allocating new
+ * clusters), write the data with the lock dropped, one pwrite per run of
+ * host-contiguous clusters, then link the L2 entries under the lock.  An
+ * entry changes only after the data it points at is written (the order
+ * qcow2_meta_flush relies on, qcow2-write.h).
+ */
+static int write_range(struct qcow2 *s, const uint8_t *src, uint64_t off, uint64_t len)
+{
+	struct qcow2_writer *w = s->w;
+	uint64_t end = off + len, pos = off, nclusters;
+	struct piece *pieces;
+	size_t max;
+	int r = 0;
+
+	if (!len)
+		return 0;
+	nclusters = ((end - 1) >> s->cluster_bits) - (off >> s->cluster_bits) + 1;
+	max = (size_t)MIN(nclusters, MIN(BATCH_CLUSTERS, BATCH_BYTES >> s->cluster_bits));
+	pieces = xmalloc(max * sizeof(*pieces));
+	while (pos < end && r == 0) {
+		size_t n = 0, i, j;
+
+		pthread_mutex_lock(&w->lock);
+		r = ensure_header(s);
+		for (; r == 0 && pos < end && n < max; n++) {
+			uint64_t cl = pos >> s->cluster_bits;
+			uint32_t a = (uint32_t)(pos & (s->cluster_size - 1));
+			uint32_t b = (uint32_t)MIN(s->cluster_size, end - (cl << s->cluster_bits));
+
+			r = plan_piece(s, cl, a, b, &pieces[n]);
+			if (r < 0)
+				break;
+			pos += b - a;
+		}
+		pthread_mutex_unlock(&w->lock);
+
+		for (i = 0; i < n && r == 0; i = j) {
+			for (j = i + 1; j < n && host_contiguous(s, &pieces[j - 1], &pieces[j]); j++)
+				;
+			r = write_run(s, pieces + i, j - i, src, off, end);
+		}
+
+		pthread_mutex_lock(&w->lock);
+		for (i = 0; i < n; i++) {
+			if (r == 0)
+				r = link_piece(s, &pieces[i]);
+			if (r < 0)
+				unplan_piece(s, &pieces[i]);
+		}
+		pthread_mutex_unlock(&w->lock);
+	}
+	free(pieces);
 	return r;
 }
 
@@ -432,7 +523,7 @@ out:
 static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool unmap)
 {
 	struct qcow2_writer *w = s->w;
-	uint64_t guest = cl << s->cluster_bits, ent, bm, new_ent, new_bm = 0, rc = 1;
+	uint64_t guest = cl << s->cluster_bits, ent, bm, new_ent, new_bm;
 	bool unalloc_is_zero = !s->backing || guest >= s->backing->size;
 	struct l2ref ref;
 	struct old o;
@@ -451,8 +542,6 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		r = classify(s, cl, ent, bm, &o);
 	if (r < 0)
 		goto unlock;
-	if (o.has_host && !s->data_file)
-		rc = o.inplace ? 1 : 2;
 
 	if (!s->extended_l2) {
 		if (s->version < 3) {
@@ -460,7 +549,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 			new_ent = 0;
 		} else if (o.compressed || !o.has_host) {
 			new_ent = QCOW2_OFLAG_ZERO;
-		} else if (s->data_file || (rc == 1 && !unmap)) {
+		} else if (s->data_file || (o.inplace && !unmap)) {
 			new_ent = ent | QCOW2_OFLAG_ZERO; /* keeps its cluster */
 		} else {
 			new_ent = QCOW2_OFLAG_ZERO;
@@ -468,7 +557,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		if (new_ent == ent)
 			goto unlock;
 		r = l2_set(s, &ref, new_ent, 0);
-		if (r == 0 && !(new_ent & QCOW2_OFFSET_MASK) && !(new_ent & QCOW2_OFLAG_COPIED))
+		if (r == 0 && !(new_ent & QCOW2_OFFSET_MASK))
 			release_old(s, &o);
 		goto unlock;
 	}
@@ -491,7 +580,7 @@ static int zero_piece(struct qcow2 *s, uint64_t cl, uint32_t a, uint32_t b, bool
 		zero |= z;
 		new_bm = alloc | (uint64_t)zero << 32;
 		new_ent = ent;
-		if (o.has_host && !s->data_file && !alloc && (unmap || rc != 1))
+		if (o.has_host && !s->data_file && !alloc && (unmap || !o.inplace))
 			new_ent = 0; /* nothing left in the host cluster */
 		if (new_ent == ent && new_bm == bm)
 			goto unlock;
@@ -608,21 +697,12 @@ int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 	struct qcow2 *s = d->priv;
 	struct qcow2_writer *w = s->w;
 	struct qcow2_inflight me;
-	const uint8_t *p = buf;
-	uint64_t end = off + len;
-	int r = 0;
+	int r;
 
 	if (!w || atomic_load(&w->corrupt))
 		return -EIO;
-	range_lock(w, &me, off >> s->cluster_bits, (end - 1) >> s->cluster_bits);
-	for (uint64_t pos = off; pos < end && r == 0;) {
-		uint64_t cl = pos >> s->cluster_bits;
-		uint32_t a = (uint32_t)(pos & (s->cluster_size - 1));
-		uint32_t b = (uint32_t)MIN(s->cluster_size, end - (cl << s->cluster_bits));
-
-		r = write_piece(s, cl, p + (pos - off), a, b);
-		pos += b - a;
-	}
+	range_lock(w, &me, off >> s->cluster_bits, (off + len - 1) >> s->cluster_bits);
+	r = write_range(s, buf, off, len);
 	range_unlock(w, &me);
 	maybe_flush(s);
 	if (r == 0 && (flags & BDEV_FUA))
@@ -636,6 +716,8 @@ static int zero_range_held(struct qcow2 *s, uint64_t off, uint64_t len, bool unm
 	uint64_t unit = 1ull << s->subcluster_bits, end = off + len, zend = end;
 	int r = 0;
 
+	if (!by_entries)
+		return write_range(s, NULL, off, len);
 	/* the disk's last, partial cluster counts as whole (nothing past it) */
 	if (end == s->size)
 		zend = align_up(end, s->cluster_size);
@@ -645,19 +727,18 @@ static int zero_range_held(struct qcow2 *s, uint64_t off, uint64_t len, bool unm
 		uint64_t zz = MIN(cstart + s->cluster_size, zend);
 		uint64_t aa = align_up(pos, unit), bb = align_down(zz, unit);
 
-		if (!by_entries || aa >= bb) {
-			r = write_piece(s, cl, NULL, (uint32_t)(pos - cstart), (uint32_t)(cend - cstart));
+		if (aa >= bb) {
+			r = write_range(s, NULL, pos, cend - pos);
 		} else {
 			if (pos < aa)
-				r = write_piece(s, cl, NULL, (uint32_t)(pos - cstart), (uint32_t)(aa - cstart));
+				r = write_range(s, NULL, pos, aa - pos);
 			if (r == 0) {
 				r = zero_piece(s, cl, (uint32_t)(aa - cstart), (uint32_t)(bb - cstart), unmap);
 				if (r == -ENOTSUP)
-					r = write_piece(s, cl, NULL, (uint32_t)(aa - cstart),
-							(uint32_t)(MIN(bb, cend) - cstart));
+					r = write_range(s, NULL, aa, MIN(bb, cend) - aa);
 			}
 			if (r == 0 && bb < cend)
-				r = write_piece(s, cl, NULL, (uint32_t)(bb - cstart), (uint32_t)(cend - cstart));
+				r = write_range(s, NULL, bb, cend - bb);
 		}
 		pos = cend;
 	}

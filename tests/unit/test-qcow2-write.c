@@ -8,6 +8,7 @@
  * judged by qemu-img check / compare afterwards.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <glib.h>
 #include <glib/gstdio.h>
 #include <stdio.h>
@@ -222,6 +223,119 @@ static void test_alloc_reftable_growth(void)
 	g_free(raw);
 }
 
+/* A new L2 table is zeroed on disk and its slices go into the cache as
+ * they are: none is read back (16 reads of 4 KiB with 64 KiB clusters). */
+static void test_new_l2_not_read_back(void)
+{
+	char *img = tpath("newl2.qcow2");
+	struct bdev *d;
+	struct qcow2 *s;
+	uint64_t hits, misses;
+	unsigned n;
+
+	if (!have_qemu())
+		return;
+	sh("qemu-img create -q -f qcow2 %s 64M", img);
+	d = open_rw(img);
+	s = qcow2_state(d);
+	g_assert_cmpint(bdev_pwrite(d, "X", 1, 3 << 20, 0), ==, 0);
+	qcow2_cache_stats(s->l2_cache, &hits, &misses, &n);
+	g_assert_cmpuint(misses, ==, 0);
+	g_assert_cmpuint(n, ==, 65536 / 4096);
+	bdev_close(d);
+	assert_clean(img);
+	sh("qemu-io -c 'read -P 0x58 3M 1' -c 'read -P 0 0 3M' %s >/dev/null", img);
+	g_free(img);
+}
+
+/* ---- merged data writes -------------------------------------------------------- */
+
+/*
+ * One request over clusters of every kind, whose data goes out as one
+ * pwrite per host-contiguous run: clusters in place, new ones, a
+ * compressed one, a zero one, ones a snapshot shares, partial edges copied
+ * from the backing file or the old cluster.  Every byte must land at its
+ * own guest offset: compared with a raw copy that got the same bytes.
+ */
+struct merge_case {
+	const char *opts;    /* qemu-img create -o */
+	const char *setup;   /* qemu-io commands before and after snapshot "one" */
+	const char *setup2;
+	uint64_t off, len;   /* the request */
+};
+
+static void check_merged_write(const struct merge_case *c)
+{
+	char *back = tpath("mb.raw"), *img = tpath("m.qcow2"), *ref = tpath("mref.raw");
+	char *snap0 = tpath("msnap0.raw"), *snap1 = tpath("msnap1.raw");
+	size_t bsize = 8 << 20;
+	uint8_t *bdata = g_malloc(bsize), *buf = g_malloc(c->len);
+	struct bdev *d;
+	int fd;
+
+	/* bytes that differ within every cluster, so a shifted copy shows */
+	for (size_t i = 0; i < bsize; i++)
+		bdata[i] = (uint8_t)(i * 31 + (i >> 9) + 1);
+	for (size_t i = 0; i < c->len; i++)
+		buf[i] = (uint8_t)(i * 7 + (i >> 11) + 0x80);
+	g_assert_true(g_file_set_contents(back, (const char *)bdata, bsize, NULL));
+	sh("qemu-img create -q -f qcow2 -o %s -b %s -F raw %s 8M", c->opts, back, img);
+	sh("qemu-io %s %s >/dev/null", c->setup, img);
+	sh("qemu-img snapshot -c one %s", img);
+	sh("qemu-io %s %s >/dev/null", c->setup2, img);
+	sh("qemu-img convert -O raw %s %s", img, ref);
+	sh("qemu-img convert -O raw -l snapshot.name=one %s %s", img, snap0);
+
+	d = open_rw(img);
+	g_assert_cmpint(bdev_pwrite(d, buf, c->len, c->off, 0), ==, 0);
+	bdev_close(d);
+
+	fd = open(ref, O_WRONLY);
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(pwrite(fd, buf, c->len, (off_t)c->off), ==, (ssize_t)c->len);
+	close(fd);
+	assert_clean(img);
+	sh("qemu-img compare -q -f qcow2 -F raw %s %s", img, ref);
+	/* the snapshot's clusters were copied, not written */
+	sh("qemu-img convert -O raw -l snapshot.name=one %s %s && cmp %s %s", img, snap1, snap0, snap1);
+	g_free(bdata);
+	g_free(buf);
+	g_free(back);
+	g_free(img);
+	g_free(ref);
+	g_free(snap0);
+	g_free(snap1);
+}
+
+static void test_merged_writes(void)
+{
+	/* 64 KiB clusters; the request runs from inside cluster 1 to inside
+	 * cluster 11: 1 unallocated (head from the backing file), 2-3 in
+	 * place, 4 new, 5 compressed, 7 zero, 8 written after the snapshot,
+	 * 9-10 shared with the snapshot, 11 unallocated (tail) */
+	static const char setup[] =
+		"-c 'write -P 0x33 576k 128k'";
+	static const char setup2[] =
+		"-c 'write -P 0x11 128k 128k' -c 'write -c -P 0x22 320k 64k' "
+		"-c 'write -z 448k 64k' -c 'write -P 0x44 516k 6k' -c 'write -P 0x55 708k 4k'";
+	static const struct merge_case cases[] = {
+		{ "cluster_size=65536", setup, setup2, 65536 + 1000, 10 * 65536 + 4000 },
+		/* extended L2: 2 KiB subclusters, some allocated in 8 and 11 */
+		{ "cluster_size=65536,extended_l2=on", setup, setup2, 65536 + 1000, 10 * 65536 + 4000 },
+		/* 4 KiB clusters: an L2 table maps 2 MiB, and the request
+		 * crosses into a table it allocates in the middle; it starts
+		 * inside a cluster written in place */
+		{ "cluster_size=4096", "-c 'write -P 0x33 2036k 8k'",
+		  "-c 'write -P 0x11 2024k 8k' -c 'write -c -P 0x22 2044k 4k' -c 'write -P 0x44 2033k 1k'",
+		  2024 * 1024 + 1000, 24 * 1024 - 1000 + 30000 },
+	};
+
+	if (!have_qemu())
+		return;
+	for (size_t i = 0; i < G_N_ELEMENTS(cases); i++)
+		check_merged_write(&cases[i]);
+}
+
 /* ---- copy-on-write --------------------------------------------------------------- */
 
 static void test_cow_backing(void)
@@ -358,6 +472,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2-write/alloc/reuse", test_alloc_reuse);
 	g_test_add_func("/qcow2-write/alloc/widths", test_alloc_widths);
 	g_test_add_func("/qcow2-write/alloc/reftable-growth", test_alloc_reftable_growth);
+	g_test_add_func("/qcow2-write/alloc/new-l2-not-read-back", test_new_l2_not_read_back);
+	g_test_add_func("/qcow2-write/merge/every-kind-of-cluster", test_merged_writes);
 	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
 	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
 	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
