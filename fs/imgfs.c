@@ -12,9 +12,9 @@
 #include "config.h"
 #include "fs.h"
 #include "control.h"
+#include "daemon.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stddef.h>
@@ -379,16 +379,6 @@ static int parse_cache_size(const char *s, uint64_t *out)
 
 static struct fs the_fs;
 
-static int write_pid_file(const char *path)
-{
-	FILE *f = fopen(path, "w");
-
-	if (!f)
-		return -errno;
-	fprintf(f, "%d\n", (int)getpid());
-	return fclose(f) == 0 ? 0 : -errno;
-}
-
 static int control_socket_path(char **out)
 {
 	const char *dir = getenv("IMGFS_RUNTIME_DIR");
@@ -508,19 +498,6 @@ static int serve(struct cli *c, struct fs *fs)
 	r = fuse_session_loop_mt(fs->se, cfg);
 	fuse_loop_cfg_destroy(cfg);
 	return r;
-}
-
-static void detach_stdio(void)
-{
-	int fd = open("/dev/null", O_RDWR);
-
-	if (fd >= 0) {
-		dup2(fd, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		if (fd > 2)
-			close(fd);
-	}
 }
 
 /* Wait until the mount answers (the child serves the stat), or the child dies. */
@@ -701,7 +678,7 @@ int main(int argc, char **argv)
 		}
 		setsid();
 	}
-	if (c.pid_file && (r = write_pid_file(c.pid_file)) < 0)
+	if (c.pid_file && (r = daemon_write_pid_file(c.pid_file)) < 0)
 		log_warn("cannot write pid file %s: %s", c.pid_file, strerror(-r));
 	if (install_signals(fs->se) != 0)
 		log_warn("cannot install signal handlers");
@@ -716,7 +693,7 @@ int main(int argc, char **argv)
 	}
 	if (!c.foreground) {
 		log_use_syslog(syslog_ident(fs->img->path));
-		detach_stdio();
+		daemon_detach_stdio();
 		if (chdir("/") < 0)
 			log_warn("chdir /: %s", strerror(errno));
 	}

@@ -11,6 +11,7 @@
 #include "config.h"
 
 #include "control.h"
+#include "daemon.h"
 #include "formats.h"
 #include "image.h"
 #include "nbd-proto.h"
@@ -359,27 +360,21 @@ static int do_fork(void)
 static void ready(struct cli *c)
 {
 	if (c->pid_file) {
-		FILE *f = fopen(c->pid_file, "w");
+		int r = daemon_write_pid_file(c->pid_file);
 
-		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0)
-			fprintf(stderr, "imgfs-nbd: cannot write %s\n", c->pid_file);
+		if (r < 0)
+			log_warn("cannot write pid file %s: %s", c->pid_file, strerror(-r));
 		else
 			wrote_pid_file = true;
 	}
 	if (ready_fd >= 0) {
 		char ok = 0;
-		int devnull = open("/dev/null", O_RDWR);
 		ssize_t r = write(ready_fd, &ok, 1);
 
 		(void)r;
 		close(ready_fd);
 		ready_fd = -1;
-		if (devnull >= 0) {
-			dup2(devnull, 0);
-			dup2(devnull, 1);
-			dup2(devnull, 2);
-			close(devnull);
-		}
+		daemon_detach_stdio();
 		log_use_syslog("imgfs-nbd");
 	}
 }

@@ -1,0 +1,16 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * What the two programs, imgfs and imgfs-nbd, do alike once they run as
+ * daemons.  Not part of the engine: formats/ never runs as a process of its
+ * own.
+ */
+#ifndef IMGFS_DAEMON_H
+#define IMGFS_DAEMON_H
+
+/* Write our pid and a newline to path.  0, or a negative errno. */
+int daemon_write_pid_file(const char *path);
+
+/* Point stdin, stdout and stderr at /dev/null: a daemon keeps no terminal. */
+void daemon_detach_stdio(void);
+
+#endif
