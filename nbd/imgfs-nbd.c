@@ -115,6 +115,23 @@ static bool parse_u64(const char *s, uint64_t *out)
 	return true;
 }
 
+/*
+ * The number an option was given (arg of name, "--shared") if it is from
+ * min to max; otherwise one line naming the option, the value and what was
+ * expected.
+ */
+static bool parse_option_number(const char *name, const char *arg, uint64_t min,
+				uint64_t max, const char *expected, uint64_t *out)
+{
+	if (parse_u64(arg, out) && *out >= min && *out <= max)
+		return true;
+	fprintf(stderr, "imgfs-nbd: %s=%s: expected %s\n", name, arg, expected);
+	return false;
+}
+
+#define STR(x) STR_(x)
+#define STR_(x) #x
+
 static int parse_args(int argc, char **argv, struct cli *c)
 {
 	enum { OPT_FORK = 256, OPT_PID_FILE, OPT_FD, OPT_VIEW, OPT_HANDSHAKE };
@@ -155,11 +172,9 @@ static int parse_args(int argc, char **argv, struct cli *c)
 		case 'b': c->bind = optarg; break;
 		case 'k': c->socket = optarg; break;
 		case 'e':
-			if (!parse_u64(optarg, &v) || v > NBD_SERVER_MAX_CONNS) {
-				fprintf(stderr, "imgfs-nbd: --shared=%s: expected 0 to %d\n",
-					optarg, NBD_SERVER_MAX_CONNS);
+			if (!parse_option_number("--shared", optarg, 0, NBD_SERVER_MAX_CONNS,
+						 "0 to " STR(NBD_SERVER_MAX_CONNS), &v))
 				return 2;
-			}
 			c->shared = v;
 			break;
 		case 't': c->persistent = true; break;
@@ -175,16 +190,14 @@ static int parse_args(int argc, char **argv, struct cli *c)
 			c->format = optarg;
 			break;
 		case 'o':
-			if (!parse_u64(optarg, &c->offset)) {
-				fprintf(stderr, "imgfs-nbd: --offset=%s: not a byte count\n", optarg);
+			if (!parse_option_number("--offset", optarg, 0, UINT64_MAX,
+						 "a byte count", &c->offset))
 				return 2;
-			}
 			break;
 		case 'P':
-			if (!parse_u64(optarg, &v) || v < 1 || v > INT_MAX) {
-				fprintf(stderr, "imgfs-nbd: --partition=%s: expected a number from 1\n", optarg);
+			if (!parse_option_number("--partition", optarg, 1, INT_MAX,
+						 "a number from 1", &v))
 				return 2;
-			}
 			c->partition = (int)v;
 			break;
 		case 'l': c->snapshot = optarg; c->read_only = true; break;
@@ -192,17 +205,15 @@ static int parse_args(int argc, char **argv, struct cli *c)
 		case OPT_FORK: c->do_fork = true; break;
 		case OPT_PID_FILE: c->pid_file = optarg; break;
 		case OPT_FD:
-			if (!parse_u64(optarg, &v) || v > INT_MAX) {
-				fprintf(stderr, "imgfs-nbd: --fd=%s: not a descriptor\n", optarg);
+			if (!parse_option_number("--fd", optarg, 0, INT_MAX,
+						 "a descriptor number", &v))
 				return 2;
-			}
 			c->fd = (int)v;
 			break;
 		case OPT_HANDSHAKE:
-			if (!parse_u64(optarg, &v) || v < 1 || v > 3600) {
-				fprintf(stderr, "imgfs-nbd: --handshake-limit=%s: expected 1 to 3600 seconds\n", optarg);
+			if (!parse_option_number("--handshake-limit", optarg, 1, 3600,
+						 "1 to 3600 seconds", &v))
 				return 2;
-			}
 			c->handshake_limit = v;
 			break;
 		case 'v': c->verbose++; break;
