@@ -19,7 +19,6 @@
 #include "util.h"
 
 #include <errno.h>
-#include <malloc.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
@@ -537,12 +536,8 @@ int main(int argc, char **argv)
 	int activated, lfd, r;
 	bool bridge = false;
 
+	daemon_tune_malloc();
 	log_set_prog("imgfs-nbd");
-	/* Request buffers (up to 32 MiB) always from mmap, returned when
-	 * freed: glibc's threshold would otherwise rise to 32 MiB after the
-	 * first free and the heap would keep them (memory per client must stay
-	 * bounded after clients go away). */
-	mallopt(M_MMAP_THRESHOLD, 1 << 20);
 	r = parse_args(argc, argv, &c);
 	if (r)
 		return r;
