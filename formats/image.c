@@ -193,20 +193,23 @@ static void announce(struct image *img, uint64_t off, uint64_t len)
 
 /* ---- views --------------------------------------------------------------- */
 
-static struct view *view_new(const char *name, enum view_kind kind, struct bdev *dev,
-			     uint64_t offset, bool writable)
+/* Every field of a view is set here, once; the strings are copied. */
+static struct view *view_new(const char *name, enum view_kind kind, unsigned number,
+			     struct bdev *dev, uint64_t offset, bool writable,
+			     const char *type, const char *label, const char *info)
 {
 	struct view *v = xcalloc(1, sizeof(*v));
 
 	v->name = xstrdup(name);
 	v->kind = kind;
+	v->number = number;
 	v->dev = dev;
 	v->offset = offset;
 	v->length = dev->size;
 	v->writable = writable && !dev->read_only;
-	v->type = xstrdup("");
-	v->label = xstrdup("");
-	v->info = xstrdup("");
+	v->type = xstrdup(type);
+	v->label = xstrdup(label);
+	v->info = xstrdup(info);
 	return v;
 }
 
@@ -258,22 +261,17 @@ static void build_partition_views(struct image *img, struct view ***arr, unsigne
 	pthread_rwlock_unlock(&img->part_lock);
 	for (unsigned i = 0; i < t.count; i++) {
 		struct partition *p = &t.parts[i];
-		char name[32];
+		char name[32], info[64];
 		struct bdev *w;
-		struct view *v;
 
 		snprintf(name, sizeof(name), "p%u", p->number);
+		if (p->uuid[0])
+			snprintf(info, sizeof(info), "%s uuid=%s", t.scheme, p->uuid);
+		else
+			snprintf(info, sizeof(info), "%s%s", t.scheme, p->bootable ? " bootable" : "");
 		w = window_new(img->disk, p->offset, p->length, img->disk->read_only);
-		v = view_new(name, VIEW_PARTITION, w, p->offset, !img->read_only);
-		v->number = p->number;
-		free(v->type);
-		v->type = xstrdup(p->type);
-		free(v->label);
-		v->label = xstrdup(p->label);
-		free(v->info);
-		v->info = p->uuid[0] ? xasprintf("%s uuid=%s", t.scheme, p->uuid)
-				     : xasprintf("%s%s", t.scheme, p->bootable ? " bootable" : "");
-		views_append(arr, n, v);
+		views_append(arr, n, view_new(name, VIEW_PARTITION, p->number, w, p->offset,
+					      !img->read_only, p->type, p->label, info));
 	}
 	partition_table_free(&t);
 }
@@ -351,8 +349,7 @@ static void build_snapshot_views(struct image *img, struct view ***arr, unsigned
 	for (unsigned i = 0; i < count; i++) {
 		const struct qcow2_snapshot_info *s = qcow2_snapshot_get(img->top, i);
 		struct bdev *dev;
-		struct view *v;
-		char *name, date[64];
+		char *name, *info, date[64];
 		struct tm tm;
 		time_t t = s->date_sec;
 		int r;
@@ -373,24 +370,19 @@ static void build_snapshot_views(struct image *img, struct view ***arr, unsigned
 			name = xasprintf("snap@#%s", s->id);
 		else
 			name = xasprintf("snap@#?%u", i + 1);
-		v = view_new(name, VIEW_SNAPSHOT, dev, UINT64_MAX, false);
-		free(name);
-		v->number = i;
-		free(v->type);
-		v->type = xstrdup("snapshot");
-		free(v->label);
-		v->label = xstrdup(s->name);
 		gmtime_r(&t, &tm);
 		strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", &tm);
-		free(v->info);
-		v->info = xasprintf("id=%s date=%s vm-clock=%02llu:%02llu:%02llu.%03llu vm-state=%llu",
-				    s->id, date,
-				    (unsigned long long)(s->vm_clock_ns / 3600000000000ULL),
-				    (unsigned long long)(s->vm_clock_ns / 60000000000ULL % 60),
-				    (unsigned long long)(s->vm_clock_ns / 1000000000ULL % 60),
-				    (unsigned long long)(s->vm_clock_ns / 1000000ULL % 1000),
-				    (unsigned long long)s->vm_state_size);
-		views_append(arr, n, v);
+		info = xasprintf("id=%s date=%s vm-clock=%02llu:%02llu:%02llu.%03llu vm-state=%llu",
+				 s->id, date,
+				 (unsigned long long)(s->vm_clock_ns / 3600000000000ULL),
+				 (unsigned long long)(s->vm_clock_ns / 60000000000ULL % 60),
+				 (unsigned long long)(s->vm_clock_ns / 1000000000ULL % 60),
+				 (unsigned long long)(s->vm_clock_ns / 1000000ULL % 1000),
+				 (unsigned long long)s->vm_state_size);
+		views_append(arr, n, view_new(name, VIEW_SNAPSHOT, i, dev, UINT64_MAX, false,
+					      "snapshot", s->name, info));
+		free(name);
+		free(info);
 	}
 	free(name_dup);
 	free(id_dup);
@@ -523,7 +515,6 @@ int image_open(const char *path, const struct image_opts *opts,
 	struct open_ctx ctx = { .opts = opts };
 	struct image *img;
 	struct bdev *top;
-	struct view *dv;
 	char *abs;
 	int r;
 
@@ -547,10 +538,9 @@ int image_open(const char *path, const struct image_opts *opts,
 	img->disk = bdev_new(&disk_ops, top->kind, top->size, img->read_only, img);
 	img->disk->min_block = top->min_block;
 
-	dv = view_new("disk", VIEW_DISK, img->disk, 0, !img->read_only);
-	free(dv->type);
-	dv->type = xstrdup(img->format);
-	views_append(&img->views, &img->nviews, dv);
+	views_append(&img->views, &img->nviews,
+		     view_new("disk", VIEW_DISK, 0, img->disk, 0, !img->read_only,
+			      img->format, "", ""));
 	build_partition_views(img, &img->views, &img->nviews);
 	build_snapshot_views(img, &img->views, &img->nviews, e);
 	*out = img;

@@ -334,7 +334,7 @@ static void gpt_add_entries(struct bdev *disk, struct partition_table *t,
 	}
 }
 
-int partition_gpt_read(struct bdev *disk, struct partition_table *out)
+void partition_gpt_read(struct bdev *disk, struct partition_table *out)
 {
 	uint64_t nsect = disk->size / PART_SECTOR;
 	struct gpt_header h, b = { 0 };
@@ -343,7 +343,7 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 
 	memset(out, 0, sizeof(*out));
 	if (nsect < 3)  /* protective MBR, a header, at least one more sector */
-		return 0;
+		return;
 
 	if (!gpt_load(disk, 1, "primary", &h, &primary_header_ok, &entries)) {
 		/* The backup: where a sound primary header says, then the last LBA. */
@@ -359,7 +359,7 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 			ok = gpt_load(disk, at[i], "backup", &b, &backup_header_ok, &entries);
 		if (!ok) {
 			log_warn("GPT: neither the primary nor the backup table is valid");
-			return 0;
+			return;
 		}
 		log_warn("GPT: the primary table is damaged: using the backup at LBA %"
 			 PRIu64, b.my_lba);
@@ -425,5 +425,4 @@ int partition_gpt_read(struct bdev *disk, struct partition_table *out)
 		gpt_add_entries(disk, out, used_backup ? &b : &h, entries, &tbl);
 	}
 	free(entries);
-	return 0;
 }

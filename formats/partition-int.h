@@ -15,10 +15,11 @@
 /*
  * Parser contract (partition_mbr_read, partition_gpt_read): *out is filled
  * from scratch; scheme is set only when that kind of table was found and
- * valid, otherwise out is left empty (scheme "", count 0).  A negative errno
- * only when sector 0 cannot be read, and then out holds nothing to free; a
- * read error anywhere else (an EBR, a GPT header or array) is damage like a
- * bad CRC: warned, and what can still be read is shown.
+ * valid, otherwise out is left empty (scheme "", count 0).  They never
+ * fail: sector 0, the one read whose failure is an error, is read by
+ * partition_table_read; a read error anywhere else (an EBR, a GPT header or
+ * array) is damage like a bad CRC: warned, and what can still be read is
+ * shown.
  */
 
 #define PART_SECTOR 512u /* logical sector size: imgfs shows 512-byte-sector disks */

@@ -187,22 +187,13 @@ static void mbr_drop_over_ebrs(struct partition_table *t, unsigned n)
 	t->count = kept;
 }
 
-int partition_mbr_read(struct bdev *disk, struct partition_table *out)
+void partition_mbr_read(struct bdev *disk, const uint8_t *mbr, struct partition_table *out)
 {
-	uint8_t mbr[PART_SECTOR];
 	struct mbr_entry e;
 	uint64_t ext = 0;
 	unsigned ext_slot = 0;
-	int r;
 
 	memset(out, 0, sizeof(*out));
-	if (disk->size < PART_SECTOR)
-		return 0;
-	r = bdev_pread(disk, mbr, sizeof(mbr), 0);
-	if (r < 0)
-		return r;
-	if (!mbr_signature_ok(mbr))
-		return 0;
 	strcpy(out->scheme, "mbr");
 	out->table_bytes_head = PART_SECTOR;
 
@@ -233,5 +224,4 @@ int partition_mbr_read(struct bdev *disk, struct partition_table *out)
 
 	if (ext_slot)
 		mbr_drop_over_ebrs(out, mbr_walk_logical(disk, out, ext));
-	return 0;
 }

@@ -117,20 +117,14 @@ int partition_table_read(struct bdev *disk, struct partition_table *out)
 		goto none;
 
 	if (mbr_has_protective(mbr)) {
-		r = partition_gpt_read(disk, out);
-		if (r < 0)
-			return r;
+		partition_gpt_read(disk, out);
 		if (strcmp(out->scheme, "gpt") == 0)
 			goto sort;
 		log_warn("sector 0 has a GPT protective entry (type 0xee) but no valid GPT "
 			 "was found: reading the MBR instead");
 		partition_table_free(out);
 	}
-	r = partition_mbr_read(disk, out);
-	if (r < 0)
-		return r;
-	if (!out->scheme[0])
-		goto none;
+	partition_mbr_read(disk, mbr, out);
 sort:
 	if (out->count > 1)
 		qsort(out->parts, out->count, sizeof(out->parts[0]), part_cmp);

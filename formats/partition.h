@@ -45,8 +45,12 @@ struct partition_table {
 int partition_table_read(struct bdev *disk, struct partition_table *out);
 void partition_table_free(struct partition_table *t);
 
-/* Parsers, for unit tests: sector is the logical sector size (512). */
-int partition_mbr_read(struct bdev *disk, struct partition_table *out);
-int partition_gpt_read(struct bdev *disk, struct partition_table *out);
+/*
+ * The parsers partition_table_read chooses between, for unit tests.  mbr is
+ * sector 0 of disk (512 bytes), already read and its 0x55aa signature
+ * checked by the caller: the one read of it serves the choice and the MBR.
+ */
+void partition_mbr_read(struct bdev *disk, const uint8_t *mbr, struct partition_table *out);
+void partition_gpt_read(struct bdev *disk, struct partition_table *out);
 
 #endif

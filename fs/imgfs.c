@@ -12,10 +12,9 @@
 #include "config.h"
 #include "fs.h"
 #include "control.h"
+#include "daemon.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <malloc.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -394,16 +393,6 @@ static int parse_cache_size(const char *s, uint64_t *out)
 
 static struct fs the_fs;
 
-static int write_pid_file(const char *path)
-{
-	FILE *f = fopen(path, "w");
-
-	if (!f)
-		return -errno;
-	fprintf(f, "%d\n", (int)getpid());
-	return fclose(f) == 0 ? 0 : -errno;
-}
-
 static int control_socket_path(char **out)
 {
 	const char *dir = getenv("IMGFS_RUNTIME_DIR");
@@ -525,19 +514,6 @@ static int serve(struct cli *c, struct fs *fs)
 	return r;
 }
 
-static void detach_stdio(void)
-{
-	int fd = open("/dev/null", O_RDWR);
-
-	if (fd >= 0) {
-		dup2(fd, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		if (fd > 2)
-			close(fd);
-	}
-}
-
 /* Wait until the mount answers (the child serves the stat), or the child dies. */
 static int parent_wait(pid_t child, const char *mountpoint, dev_t before)
 {
@@ -566,16 +542,7 @@ int main(int argc, char **argv)
 	pid_t child;
 	int r, status = EXIT_OK;
 
-	/* One malloc arena: glibc's default of one per thread (up to 8 per
-	 * CPU) scatters the L2 slices that worker threads load and evict
-	 * across arenas; peak RSS after random reads over a 2 TiB image fell
-	 * from 59 to 37 MiB with no loss of speed.  Small per-request
-	 * allocations stay in glibc's per-thread caches. */
-	mallopt(M_ARENA_MAX, 1);
-	/* Large request buffers (NBD: up to 32 MiB) always come from mmap and
-	 * go back to the system when freed: glibc's default threshold rises to
-	 * 32 MiB after the first such free, and the heap then keeps them. */
-	mallopt(M_MMAP_THRESHOLD, 1 << 20);
+	daemon_tune_malloc();
 
 	/* A daemon keeps no descriptor it did not open: an inherited pipe
 	 * (a test runner's, a shell's $(...)) would otherwise stay open as long
@@ -735,7 +702,7 @@ int main(int argc, char **argv)
 		}
 		setsid();
 	}
-	if (c.pid_file && (r = write_pid_file(c.pid_file)) < 0)
+	if (c.pid_file && (r = daemon_write_pid_file(c.pid_file)) < 0)
 		log_warn("cannot write pid file %s: %s", c.pid_file, strerror(-r));
 	if (install_signals(fs->se) != 0)
 		log_warn("cannot install signal handlers");
@@ -750,7 +717,7 @@ int main(int argc, char **argv)
 	}
 	if (!c.foreground) {
 		log_use_syslog(syslog_ident(fs->img->path));
-		detach_stdio();
+		daemon_detach_stdio();
 		if (chdir("/") < 0)
 			log_warn("chdir /: %s", strerror(errno));
 	}

@@ -9,13 +9,13 @@
 #include "control.h"
 #include "image.h"
 #include "nbd-server.h"
+#include "thread.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -412,7 +412,6 @@ struct nbd_control *nbd_control_start(struct image *img, const char *sock_path,
 				      struct err *e)
 {
 	struct nbd_control *ctl;
-	sigset_t all, old;
 	int fd, r;
 
 	fd = bind_control(sock_path, e);
@@ -427,10 +426,7 @@ struct nbd_control *nbd_control_start(struct image *img, const char *sock_path,
 		err_set(e, -errno, "pipe: %s", strerror(errno));
 		goto fail;
 	}
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	r = pthread_create(&ctl->thread, NULL, accept_thread, ctl);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	r = thread_start_unsignalled(&ctl->thread, accept_thread, ctl);
 	if (r) {
 		err_set(e, -r, "cannot start the NBD control thread");
 		close(ctl->wake[0]);

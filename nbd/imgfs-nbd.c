@@ -11,6 +11,7 @@
 #include "config.h"
 
 #include "control.h"
+#include "daemon.h"
 #include "formats.h"
 #include "image.h"
 #include "nbd-proto.h"
@@ -18,7 +19,6 @@
 #include "util.h"
 
 #include <errno.h>
-#include <malloc.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
@@ -114,6 +114,23 @@ static bool parse_u64(const char *s, uint64_t *out)
 	return true;
 }
 
+/*
+ * The number an option was given (arg of name, "--shared") if it is from
+ * min to max; otherwise one line naming the option, the value and what was
+ * expected.
+ */
+static bool parse_option_number(const char *name, const char *arg, uint64_t min,
+				uint64_t max, const char *expected, uint64_t *out)
+{
+	if (parse_u64(arg, out) && *out >= min && *out <= max)
+		return true;
+	fprintf(stderr, "imgfs-nbd: %s=%s: expected %s\n", name, arg, expected);
+	return false;
+}
+
+#define STR(x) STR_(x)
+#define STR_(x) #x
+
 static int parse_args(int argc, char **argv, struct cli *c)
 {
 	enum { OPT_FORK = 256, OPT_PID_FILE, OPT_FD, OPT_VIEW, OPT_HANDSHAKE };
@@ -154,11 +171,9 @@ static int parse_args(int argc, char **argv, struct cli *c)
 		case 'b': c->bind = optarg; break;
 		case 'k': c->socket = optarg; break;
 		case 'e':
-			if (!parse_u64(optarg, &v) || v > NBD_SERVER_MAX_CONNS) {
-				fprintf(stderr, "imgfs-nbd: --shared=%s: expected 0 to %d\n",
-					optarg, NBD_SERVER_MAX_CONNS);
+			if (!parse_option_number("--shared", optarg, 0, NBD_SERVER_MAX_CONNS,
+						 "0 to " STR(NBD_SERVER_MAX_CONNS), &v))
 				return 2;
-			}
 			c->shared = v;
 			break;
 		case 't': c->persistent = true; break;
@@ -174,16 +189,14 @@ static int parse_args(int argc, char **argv, struct cli *c)
 			c->format = optarg;
 			break;
 		case 'o':
-			if (!parse_u64(optarg, &c->offset)) {
-				fprintf(stderr, "imgfs-nbd: --offset=%s: not a byte count\n", optarg);
+			if (!parse_option_number("--offset", optarg, 0, UINT64_MAX,
+						 "a byte count", &c->offset))
 				return 2;
-			}
 			break;
 		case 'P':
-			if (!parse_u64(optarg, &v) || v < 1 || v > INT_MAX) {
-				fprintf(stderr, "imgfs-nbd: --partition=%s: expected a number from 1\n", optarg);
+			if (!parse_option_number("--partition", optarg, 1, INT_MAX,
+						 "a number from 1", &v))
 				return 2;
-			}
 			c->partition = (int)v;
 			break;
 		case 'l': c->snapshot = optarg; c->read_only = true; break;
@@ -191,17 +204,15 @@ static int parse_args(int argc, char **argv, struct cli *c)
 		case OPT_FORK: c->do_fork = true; break;
 		case OPT_PID_FILE: c->pid_file = optarg; break;
 		case OPT_FD:
-			if (!parse_u64(optarg, &v) || v > INT_MAX) {
-				fprintf(stderr, "imgfs-nbd: --fd=%s: not a descriptor\n", optarg);
+			if (!parse_option_number("--fd", optarg, 0, INT_MAX,
+						 "a descriptor number", &v))
 				return 2;
-			}
 			c->fd = (int)v;
 			break;
 		case OPT_HANDSHAKE:
-			if (!parse_u64(optarg, &v) || v < 1 || v > 3600) {
-				fprintf(stderr, "imgfs-nbd: --handshake-limit=%s: expected 1 to 3600 seconds\n", optarg);
+			if (!parse_option_number("--handshake-limit", optarg, 1, 3600,
+						 "1 to 3600 seconds", &v))
 				return 2;
-			}
 			c->handshake_limit = v;
 			break;
 		case 'v': c->verbose++; break;
@@ -359,27 +370,21 @@ static int do_fork(void)
 static void ready(struct cli *c)
 {
 	if (c->pid_file) {
-		FILE *f = fopen(c->pid_file, "w");
+		int r = daemon_write_pid_file(c->pid_file);
 
-		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0)
-			fprintf(stderr, "imgfs-nbd: cannot write %s\n", c->pid_file);
+		if (r < 0)
+			log_warn("cannot write pid file %s: %s", c->pid_file, strerror(-r));
 		else
 			wrote_pid_file = true;
 	}
 	if (ready_fd >= 0) {
 		char ok = 0;
-		int devnull = open("/dev/null", O_RDWR);
 		ssize_t r = write(ready_fd, &ok, 1);
 
 		(void)r;
 		close(ready_fd);
 		ready_fd = -1;
-		if (devnull >= 0) {
-			dup2(devnull, 0);
-			dup2(devnull, 1);
-			dup2(devnull, 2);
-			close(devnull);
-		}
+		daemon_detach_stdio();
 		log_use_syslog("imgfs-nbd");
 	}
 }
@@ -531,12 +536,8 @@ int main(int argc, char **argv)
 	int activated, lfd, r;
 	bool bridge = false;
 
+	daemon_tune_malloc();
 	log_set_prog("imgfs-nbd");
-	/* Request buffers (up to 32 MiB) always from mmap, returned when
-	 * freed: glibc's threshold would otherwise rise to 32 MiB after the
-	 * first free and the heap would keep them (memory per client must stay
-	 * bounded after clients go away). */
-	mallopt(M_MMAP_THRESHOLD, 1 << 20);
 	r = parse_args(argc, argv, &c);
 	if (r)
 		return r;

@@ -10,6 +10,7 @@
  * makes their blocked reads and writes return, and waits for them all.
  */
 #include "nbd-int.h"
+#include "thread.h"
 #include "util.h"
 
 #include <errno.h>
@@ -17,7 +18,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/sendfile.h>
@@ -358,7 +358,6 @@ static unsigned conn_limit(struct nbd_server *s)
 static void accept_one(struct nbd_server *s, int listen_fd)
 {
 	struct nbd_conn *c;
-	sigset_t all, old;
 	int fd, r;
 
 	fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -371,11 +370,7 @@ static void accept_one(struct nbd_server *s, int listen_fd)
 	}
 	c = conn_new(s, fd);
 	conn_register(s, c);
-	/* Signals belong to the main thread, not to connection threads. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	r = pthread_create(&c->thread, NULL, conn_thread, c);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	r = thread_start_unsignalled(&c->thread, conn_thread, c);
 	if (r) {
 		log_warn("nbd: cannot start a connection thread: %s", strerror(r));
 		conn_unlink(s, c, false);

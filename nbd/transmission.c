@@ -12,10 +12,10 @@
  * NBD_MAX_PAYLOAD is a disconnect: it is never buffered.
  */
 #include "nbd-int.h"
+#include "thread.h"
 #include "util.h"
 
 #include <errno.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -565,17 +565,12 @@ static void enqueue(struct nbd_conn *c, struct nbd_req *rq)
 
 static bool start_workers(struct nbd_conn *c)
 {
-	sigset_t all, old;
-
 	c->workers = xcalloc(c->srv->opts.workers, sizeof(*c->workers));
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (unsigned i = 0; i < c->srv->opts.workers; i++) {
-		if (pthread_create(&c->workers[c->nworkers], NULL, worker, c))
+		if (thread_start_unsignalled(&c->workers[c->nworkers], worker, c))
 			break;
 		c->nworkers++;
 	}
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!c->nworkers)
 		log_warn("nbd: cannot start worker threads");
 	return c->nworkers > 0;

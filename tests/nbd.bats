@@ -525,3 +525,22 @@ PY
 	run "$IMGFS_NBD" --shared=x a.qcow2
 	[ "$status" -ne 0 ]
 }
+
+@test "imgfs-nbd names a number option out of range and what it expected" {
+	# a missing image: an option wrongly accepted exits 1, it does not serve
+	run "$IMGFS_NBD" --shared=257 missing.qcow2
+	[ "$status" -eq 2 ]
+	[ "$output" = "imgfs-nbd: --shared=257: expected 0 to 256" ]
+	run "$IMGFS_NBD" -o -1 missing.qcow2
+	[ "$status" -eq 2 ]
+	[ "$output" = "imgfs-nbd: --offset=-1: expected a byte count" ]
+	run "$IMGFS_NBD" -P 0 missing.qcow2
+	[ "$status" -eq 2 ]
+	[ "$output" = "imgfs-nbd: --partition=0: expected a number from 1" ]
+	run "$IMGFS_NBD" --fd=3x missing.qcow2
+	[ "$status" -eq 2 ]
+	[ "$output" = "imgfs-nbd: --fd=3x: expected a descriptor number" ]
+	run "$IMGFS_NBD" --handshake-limit=3601 missing.qcow2
+	[ "$status" -eq 2 ]
+	[ "$output" = "imgfs-nbd: --handshake-limit=3601: expected 1 to 3600 seconds" ]
+}
