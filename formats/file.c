@@ -56,11 +56,30 @@ static void size_grow(struct bdev *d, uint64_t end)
 		;
 }
 
+/*
+ * Write-behind: a large write starts the host's writeback of its own range
+ * at once (asynchronously: no durability is promised until a flush).  A
+ * client that writes a lot then flushes — fio's end_fsync, qemu-img
+ * convert, a guest's sync — otherwise finds the whole range dirty at the
+ * flush and waits for the disk after the transfer instead of during it:
+ * 1 GiB of 1 MiB writes then fsync through a qcow2 mount went from
+ * 2.1-2.3 to 3.0-3.3 GB/s (doc/performance.md).  Small writes are left
+ * alone: random 4 KiB writes are often rewritten before their flush.
+ */
+#define WRITE_BEHIND_MIN (256u << 10)
+
+static void write_behind(int fd, uint64_t start, uint64_t end)
+{
+	/* advisory: an error here is met again, and reported, by the flush */
+	(void)sync_file_range(fd, (off_t)start, (off_t)(end - start), SYNC_FILE_RANGE_WRITE);
+}
+
 static int file_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 		       unsigned flags)
 {
 	const char *p = buf;
 	uint64_t end = off + len;
+	size_t total = len;
 
 	while (len) {
 		ssize_t n = pwrite(F(d)->fd, p, len, (off_t)off);
@@ -76,8 +95,10 @@ static int file_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off
 	}
 	if (d->growable)
 		size_grow(d, end);
-	if ((flags & BDEV_FUA) && fdatasync(F(d)->fd) < 0)
-		return -errno;
+	if (flags & BDEV_FUA)
+		return fdatasync(F(d)->fd) < 0 ? -errno : 0;
+	if (total >= WRITE_BEHIND_MIN)
+		write_behind(F(d)->fd, end - total, end);
 	return 0;
 }
 
