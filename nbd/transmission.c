@@ -16,6 +16,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -187,6 +188,12 @@ static int send_mapped(struct nbd_conn *c, struct iovec *hdr, int nhdr,
 
 	if (len < SENDFILE_MIN || bdev_map(dev(c), off, len, &x) != (int64_t)len)
 		return 0;
+	/* sendfile reads the disk under send_lock: start those reads now, so
+	 * that the workers' cold reads still go to the disk side by side */
+	for (unsigned i = 0; i < x.n; i++)
+		if (ext[i].fd >= 0)
+			(void)posix_fadvise(ext[i].fd, (off_t)ext[i].pos, (off_t)ext[i].len,
+					    POSIX_FADV_WILLNEED);
 	pthread_mutex_lock(&c->send_lock);
 	r = c->send_failed ? -EPIPE : nbd_conn_sendv_flags(c, hdr, nhdr, MSG_MORE);
 	for (unsigned i = 0; i < x.n && r == 0; i++)
