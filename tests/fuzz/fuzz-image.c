@@ -14,7 +14,8 @@
  *
  * Invariants checked (abort() is a finding): a block-status run is never 0
  * nor longer than asked; a range it calls ZERO reads as zeroes when the read
- * succeeds.  Errors (-EIO for damage) are fine: they are the point.
+ * succeeds; bdev_map of a range that read fine names exactly the bytes read
+ * (the zero-copy paths send those).  Errors (-EIO for damage) are fine: they are the point.
  *
  * Nothing from the input may name a host file.  Backing files are not
  * opened (no_backing: unallocated reads as zeroes).  An external data file
@@ -45,7 +46,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static char dir[64], img_path[96];
-static uint8_t *buf;
+static uint8_t *buf, *map_buf;
 static pid_t owner;
 
 static void cleanup(void)
@@ -59,6 +60,7 @@ static void cleanup(void)
 	unlink(data_path);
 	rmdir(dir);
 	free(buf);
+	free(map_buf);
 }
 
 static void setup(void)
@@ -88,7 +90,8 @@ static void setup(void)
 			abort();
 	close(fd);
 	buf = malloc(CHUNK);
-	if (!buf)
+	map_buf = malloc(CHUNK);
+	if (!buf || !map_buf)
 		abort();
 	owner = getpid();
 	atexit(cleanup);
@@ -140,18 +143,57 @@ static int write_image(const uint8_t *data, size_t size)
 	return 0;
 }
 
+/* bdev_map of a range that read as buf[0, n): the extents must name those
+ * same bytes, and cover exactly what it says it mapped. */
+static void check_map(struct bdev *d, uint64_t off, size_t n)
+{
+	struct bdev_extent ext[16];
+	struct bdev_extents x = { ext, 16, 0 };
+	int64_t m = bdev_map(d, off, n, &x);
+	uint64_t got = 0;
+
+	if (m < 0)
+		return; /* an error is fine; a wrong mapping is not */
+	if ((uint64_t)m > n)
+		goto bad;
+	for (unsigned i = 0; i < x.n; i++) {
+		if (got + ext[i].len > (uint64_t)m)
+			goto bad;
+		if (ext[i].fd < 0) {
+			if (!buf_is_zero(buf + got, ext[i].len))
+				goto bad;
+		} else {
+			ssize_t r = pread(ext[i].fd, map_buf, ext[i].len, (off_t)ext[i].pos);
+
+			if (r != (ssize_t)ext[i].len || memcmp(map_buf, buf + got, ext[i].len))
+				goto bad;
+		}
+		got += ext[i].len;
+	}
+	if (got == (uint64_t)m)
+		return;
+bad:
+	fprintf(stderr, "%s: bdev_map at %llu+%zu says %lld bytes in %u extents, not what pread read\n",
+		d->kind, (unsigned long long)off, n, (long long)m, x.n);
+	abort();
+}
+
 /* Read [off, off+len) in pieces of step bytes (step <= CHUNK), checking
- * ZERO runs read as zeroes; *budget bounds the bytes read. */
+ * ZERO runs read as zeroes and that bdev_map names the bytes read; *budget
+ * bounds the bytes read. */
 static void read_range(struct bdev *d, uint64_t off, uint64_t len, size_t step,
 		       bool want_zero, uint64_t *budget)
 {
 	while (len && *budget) {
 		size_t n = (size_t)MIN(MIN(len, step), *budget);
 
-		if (bdev_pread(d, buf, n, off) == 0 && want_zero && !buf_is_zero(buf, n)) {
-			fprintf(stderr, "%s: block status says zero at %llu+%zu but it reads data\n",
-				d->kind, (unsigned long long)off, n);
-			abort();
+		if (bdev_pread(d, buf, n, off) == 0) {
+			if (want_zero && !buf_is_zero(buf, n)) {
+				fprintf(stderr, "%s: block status says zero at %llu+%zu but it reads data\n",
+					d->kind, (unsigned long long)off, n);
+				abort();
+			}
+			check_map(d, off, n);
 		}
 		off += n;
 		len -= n;
