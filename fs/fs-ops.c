@@ -422,8 +422,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	 * into the daemon, one request at a time (doc/performance.md: 0.6x
 	 * qemu's export buffered, 1.5x direct).  Its writes then update no
 	 * cached page, so op_write has the observers drop its own inode's
-	 * pages too.  --cached-writes keeps writes in the page cache (shared
-	 * writable mmap needs it). */
+	 * pages too.  --cached-writes keeps writes in the page cache (a
+	 * MAP_SHARED mmap of a file opened for writing needs it). */
 	fi->keep_cache = !fs->single_thread;
 	fi->direct_io = fs->single_thread ||
 			((fi->flags & O_ACCMODE) != O_RDONLY && !fs->cached_writes);
