@@ -117,6 +117,13 @@ bool bdev_extents_add(struct bdev_extents *x, int fd, uint64_t pos, uint64_t len
 	return true;
 }
 
+int64_t bdev_extents_pad(struct bdev_extents *x, int64_t m, uint64_t n, uint64_t len)
+{
+	if (m < 0 || (uint64_t)m < n)
+		return m;
+	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
+}
+
 int64_t bdev_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
 {
 	unsigned n0 = x->n;

@@ -49,6 +49,12 @@ struct bdev_extents {
 
 /* Append a piece; false if it needs an extent and none is left. */
 bool bdev_extents_add(struct bdev_extents *x, int fd, uint64_t pos, uint64_t len);
+/*
+ * For a map op whose range [0, len) ends in zeroes: m of the first n bytes
+ * were mapped (m < 0: an error).  Appends the zeroes [n, len) if all n
+ * were; returns the bytes mapped, as a map op does.
+ */
+int64_t bdev_extents_pad(struct bdev_extents *x, int64_t m, uint64_t n, uint64_t len);
 
 struct bdev_ops {
 	int (*pread)(struct bdev *, void *buf, size_t len, uint64_t off);

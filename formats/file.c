@@ -179,9 +179,8 @@ static int64_t file_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_
 	uint64_t size = __atomic_load_n(&d->size, __ATOMIC_RELAXED);
 	uint64_t in = off < size ? MIN(len, size - off) : 0;
 
-	if (!bdev_extents_add(x, F(d)->fd, off, in))
-		return 0;
-	return bdev_extents_add(x, -1, 0, len - in) ? (int64_t)len : (int64_t)in;
+	return bdev_extents_pad(x, bdev_extents_add(x, F(d)->fd, off, in) ? (int64_t)in : 0,
+				in, len);
 }
 
 static void file_close(struct bdev *d)

@@ -337,11 +337,8 @@ static int64_t map_backing(struct qcow2 *s, uint64_t off, uint64_t len,
 {
 	uint64_t bsize = s->backing ? s->backing->size : 0;
 	uint64_t n = off < bsize ? MIN(len, bsize - off) : 0;
-	int64_t m = n ? bdev_map(s->backing, off, n, x) : 0;
 
-	if (m < 0 || (uint64_t)m < n)
-		return m;
-	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
+	return bdev_extents_pad(x, n ? bdev_map(s->backing, off, n, x) : 0, n, len);
 }
 
 /* As read_host: the data file's bytes, zeroes past the end of an external
@@ -351,14 +348,10 @@ static int64_t map_host(struct qcow2 *s, uint64_t host, uint64_t len,
 {
 	uint64_t fsize = qcow2_file_size(s->data);
 	uint64_t n = host < fsize ? MIN(len, fsize - host) : 0;
-	int64_t m;
 
 	if (s->data == s->file && n < len)
 		return 0;
-	m = n ? bdev_map(s->data, host, n, x) : 0;
-	if (m < 0 || (uint64_t)m < n)
-		return m;
-	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
+	return bdev_extents_pad(x, n ? bdev_map(s->data, host, n, x) : 0, n, len);
 }
 
 /* Mappable: plain and zero clusters, and unallocated ones over a mappable

@@ -691,26 +691,8 @@ int qcow2_dev_flush(struct bdev *d)
 
 /* ---- the device ops ----------------------------------------------------------- */
 
-int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
-		     unsigned flags)
-{
-	struct qcow2 *s = d->priv;
-	struct qcow2_writer *w = s->w;
-	struct qcow2_inflight me;
-	int r;
-
-	if (!w || atomic_load(&w->corrupt))
-		return -EIO;
-	range_lock(w, &me, off >> s->cluster_bits, (off + len - 1) >> s->cluster_bits);
-	r = write_range(s, buf, off, len);
-	range_unlock(w, &me);
-	maybe_flush(s);
-	if (r == 0 && (flags & BDEV_FUA))
-		r = qcow2_dev_flush(d);
-	return r;
-}
-
-/* Zero [off, off+len) with its clusters' in-flight range held. */
+/* Zero [off, off+len) with its clusters' in-flight range held: by L2
+ * entries where whole units allow (by_entries), else as real zeroes. */
 static int zero_range_held(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
 {
 	uint64_t unit = 1ull << s->subcluster_bits, end = off + len, zend = end;
@@ -745,8 +727,10 @@ static int zero_range_held(struct qcow2 *s, uint64_t off, uint64_t len, bool unm
 	return r;
 }
 
-/* Zero [off, off+len): whole units by L2 entries, the rest as real zeroes. */
-static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, bool by_entries)
+/* Write buf to [off, off+len), or zero it (buf NULL: whole units by L2
+ * entries, the rest as real zeroes), with its clusters' in-flight range held. */
+static int write_locked(struct qcow2 *s, const void *buf, uint64_t off, uint64_t len,
+			bool unmap, bool by_entries)
 {
 	struct qcow2_writer *w = s->w;
 	struct qcow2_inflight me;
@@ -755,9 +739,19 @@ static int zero_range(struct qcow2 *s, uint64_t off, uint64_t len, bool unmap, b
 	if (!w || atomic_load(&w->corrupt))
 		return -EIO;
 	range_lock(w, &me, off >> s->cluster_bits, (off + len - 1) >> s->cluster_bits);
-	r = zero_range_held(s, off, len, unmap, by_entries);
+	r = buf ? write_range(s, buf, off, len) : zero_range_held(s, off, len, unmap, by_entries);
 	range_unlock(w, &me);
 	maybe_flush(s);
+	return r;
+}
+
+int qcow2_dev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
+		     unsigned flags)
+{
+	int r = write_locked(d->priv, buf, off, len, false, false);
+
+	if (r == 0 && (flags & BDEV_FUA))
+		r = qcow2_dev_flush(d);
 	return r;
 }
 
@@ -770,7 +764,7 @@ int qcow2_dev_zero(struct bdev *d, uint64_t off, uint64_t len, unsigned flags)
 	 * (the bdev layer writes them) */
 	if (s->version < 3 && s->backing)
 		return -ENOTSUP;
-	r = zero_range(s, off, len, flags & BDEV_MAY_UNMAP, true);
+	r = write_locked(s, NULL, off, len, flags & BDEV_MAY_UNMAP, true);
 	if (r == 0 && (flags & BDEV_FUA))
 		r = qcow2_dev_flush(d);
 	return r;
@@ -782,7 +776,7 @@ int qcow2_dev_discard(struct bdev *d, uint64_t off, uint64_t len)
 {
 	struct qcow2 *s = d->priv;
 
-	return zero_range(s, off, len, true, !(s->version < 3 && s->backing));
+	return write_locked(s, NULL, off, len, true, !(s->version < 3 && s->backing));
 }
 
 /* ---- resize ------------------------------------------------------------------ */

@@ -562,7 +562,6 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		}
 		size = (size_t)(v->length - uoff);
 	}
-	/* a cached write updates its own pages; a direct one must drop them */
 	/* a cached write updates its own pages; after a direct one, drop them
 	 * (recent kernels do it themselves, older ones do not) */
 	writing_ino = fi->direct_io ? 0 : ino;

@@ -63,7 +63,6 @@ static int simple_reply(struct nbd_conn *c, const struct nbd_req *rq, int err,
 	return send_locked(c, iov, err || !len ? 1 : 2);
 }
 
-/* One structured chunk: header, a fixed part, then optional data. */
 static void chunk_header(uint8_t *h, const struct nbd_req *rq, uint16_t flags,
 			 uint16_t type, uint32_t len)
 {
@@ -74,6 +73,7 @@ static void chunk_header(uint8_t *h, const struct nbd_req *rq, uint16_t flags,
 	put_be32(h + 16, len);
 }
 
+/* One structured chunk: header, a fixed part, then optional data. */
 static int chunk_reply(struct nbd_conn *c, const struct nbd_req *rq,
 		       uint16_t flags, uint16_t type, const void *fixed,
 		       uint32_t flen, const void *data, uint32_t dlen)
@@ -154,14 +154,6 @@ static unsigned plan_sparse(struct nbd_conn *c, uint64_t off, uint32_t len,
 	return n;
 }
 
-/*
- * Zero-copy data: send the reply's header (hdr), then the bytes of
- * [off, off + len) straight from the host files that hold them (sendfile;
- * zeroes from memory), all under send_lock: the page cache goes to the
- * socket without a copy into our buffers.  1: sent; 0: the range does not
- * map whole (a compressed cluster, damage: read it and send that); < 0:
- * the connection failed.
- */
 #define SEND_EXTENTS 16
 #define SENDFILE_MIN (8u << 10)
 
@@ -179,6 +171,14 @@ static int send_zeroes(struct nbd_conn *c, uint64_t len, bool more)
 	return r;
 }
 
+/*
+ * Zero-copy data: send the reply's header (hdr), then the bytes of
+ * [off, off + len) straight from the host files that hold them (sendfile;
+ * zeroes from memory), all under send_lock: the page cache goes to the
+ * socket without a copy into our buffers.  1: sent; 0: the range does not
+ * map whole (a compressed cluster, damage: read it and send that); < 0:
+ * the connection failed.
+ */
 static int send_mapped(struct nbd_conn *c, struct iovec *hdr, int nhdr,
 		       uint64_t off, uint32_t len)
 {
@@ -258,14 +258,13 @@ static void cmd_read_structured(struct nbd_conn *c, const struct nbd_req *rq)
 	} else {
 		n = plan_sparse(c, rq->offset, rq->len, ch);
 	}
-	/* An all-hole reply needs no buffer; otherwise one for the whole range. */
+	/* a buffer for the whole range, once a data chunk must be read into it
+	 * (holes and chunks sent from the files need none) */
 	buf = NULL;
-	for (unsigned i = 0; i < n && !buf; i++)
-		if (ch[i].type == NBD_REPLY_TYPE_OFFSET_DATA)
-			buf = read_buf(rq->len);
 	for (unsigned i = 0; i < n; i++) {
 		uint16_t fl = i + 1 == n ? NBD_REPLY_FLAG_DONE : 0;
 		uint8_t b[12];
+		char *p;
 		int r;
 
 		put_be64(b, ch[i].off);
@@ -273,7 +272,6 @@ static void cmd_read_structured(struct nbd_conn *c, const struct nbd_req *rq)
 			put_be32(b + 8, ch[i].len);
 			r = chunk_reply(c, rq, fl, ch[i].type, b, 12, NULL, 0);
 		} else {
-			char *p = buf + (ch[i].off - rq->offset);
 			uint8_t h[NBD_STRUCTURED_REPLY_SIZE];
 			struct iovec hdr[2] = { { h, sizeof(h) }, { b, 8 } };
 
@@ -284,6 +282,9 @@ static void cmd_read_structured(struct nbd_conn *c, const struct nbd_req *rq)
 					break;
 				continue;
 			}
+			if (!buf)
+				buf = read_buf(rq->len);
+			p = buf + (ch[i].off - rq->offset);
 			r = bdev_pread(dev(c), p, ch[i].len, ch[i].off);
 			if (r < 0) {
 				error_chunk(c, rq, r, true, ch[i].off);
