@@ -20,8 +20,29 @@
 
 static struct fs *FS(fuse_req_t req) { return fuse_req_userdata(req); }
 
-/* the inode a FUSE write is in progress on: the kernel updates its own cache */
-static __thread fuse_ino_t writing_ino;
+/* A reply that waits until other views' cached pages are dropped. */
+struct inval_range {
+	fuse_ino_t ino;
+	uint64_t off, len;
+};
+struct deferred {
+	fuse_req_t req;
+	int err;             /* the reply: an errno, or 0 and ... */
+	bool write;          /* ... for a write, the count written */
+	size_t written;
+	unsigned n, cap;
+	struct inval_range r[];
+};
+
+/* A FUSE write or fallocate in progress on this thread (see "coherency"). */
+static __thread struct {
+	bool on;
+	fuse_ino_t self;     /* its inode if the kernel keeps that cache itself, or 0 */
+	struct deferred *d;  /* the ranges to drop before the reply, or NULL */
+} wr;
+
+static void write_begin(struct fs *fs, fuse_ino_t self);
+static void write_end(fuse_req_t req, int err, size_t written, bool write);
 
 /* ---- refusals and errors in the log -------------------------------------- */
 
@@ -564,15 +585,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	}
 	/* a cached write updates its own pages; after a direct one, drop them
 	 * (recent kernels do it themselves, older ones do not) */
-	writing_ino = fi->direct_io ? 0 : ino;
+	write_begin(FS(req), fi->direct_io ? 0 : ino);
 	r = bdev_pwrite(v->dev, buf, size, uoff, flags);
-	writing_ino = 0;
-	if (r < 0) {
+	if (r < 0)
 		fs_log_refusal(FS(req), v->name, "write", uoff, size, -r, NULL);
-		fuse_reply_err(req, -r);
-	}
-	else
-		fuse_reply_write(req, size);
+	write_end(req, r < 0 ? -r : 0, size, true);
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
@@ -627,17 +644,17 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
 		}
 		ulen = v->length - uoff;
 	}
-	writing_ino = ino;
+	/* the kernel drops the range from its own cache */
+	write_begin(FS(req), ino);
 	if (mode & FALLOC_FL_PUNCH_HOLE)
 		r = bdev_zero(v->dev, uoff, ulen, BDEV_MAY_UNMAP);
 	else if (mode & FALLOC_FL_ZERO_RANGE)
 		r = bdev_zero(v->dev, uoff, ulen, 0);
 	else
 		r = 0;
-	writing_ino = 0;
 	if (r < 0)
 		fs_log_refusal(FS(req), v->name, "fallocate", uoff, ulen, -r, NULL);
-	fuse_reply_err(req, -r);
+	write_end(req, -r, 0, false);
 }
 
 /* SEEK_DATA / SEEK_HOLE from block status: a hole is a range that reads as
@@ -785,11 +802,122 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 /* ---- coherency ---------------------------------------------------------- */
 
 /*
- * A disk range changed: drop the kernel's cached pages of every view that
- * overlaps it, except the inode this thread is writing through (the kernel
- * keeps that one up to date itself, and invalidating it from inside its own
- * write would deadlock on the page locks the write holds).
+ * A disk range changed: the kernel's cached pages of every view that shows
+ * it are dropped (fuse_lowlevel_notify_inval_inode) before the write is
+ * answered, so a read through any view after the write returns sees it.
+ *
+ * That call waits for the page locks that reads in flight hold until a FUSE
+ * worker answers them.  A worker must not wait there: with a bounded pool,
+ * as many concurrent writes as workers would leave no worker to answer the
+ * reads, and the mount would hang.  So a FUSE write only collects the
+ * ranges (wr.d) and hands them with its reply to one thread of its own,
+ * which drops the pages and then answers; the worker goes back to serving.
+ * Writes from elsewhere (imgfs-nbd) invalidate on their own thread.
+ *
+ * The inode written through is skipped when the kernel keeps its cache
+ * itself (a cached write holds those page locks: dropping them from inside
+ * the write would deadlock).
  */
+static gpointer deferred_stop_marker = &deferred_stop_marker;
+
+static void reply(fuse_req_t req, int err, size_t written, bool write)
+{
+	if (write && !err)
+		fuse_reply_write(req, written);
+	else
+		fuse_reply_err(req, err);
+}
+
+static void write_begin(struct fs *fs, fuse_ino_t self)
+{
+	/* no thread to hand over to: invalidate in place, as -s does not need */
+	wr.on = fs->deferred != NULL;
+	wr.self = self;
+	wr.d = NULL;
+}
+
+/* Answer a write or fallocate: now, or after its invalidations. */
+static void write_end(fuse_req_t req, int err, size_t written, bool write)
+{
+	struct deferred *d = wr.d;
+
+	wr.on = false;
+	wr.d = NULL;
+	if (!d) {
+		reply(req, err, written, write);
+		return;
+	}
+	d->req = req;
+	d->err = err;
+	d->write = write;
+	d->written = written;
+	g_async_queue_push(FS(req)->deferred, d);
+}
+
+/* Add a range to this thread's write; false: no memory, drop it in place. */
+static bool defer_range(fuse_ino_t ino, uint64_t off, uint64_t len)
+{
+	struct deferred *d = wr.d;
+
+	if (!d || d->n == d->cap) {
+		unsigned cap = d ? 2 * d->cap : 4;
+
+		d = realloc(d, sizeof(*d) + cap * sizeof(d->r[0]));
+		if (!d)
+			return false;
+		if (!wr.d)
+			d->n = 0;
+		d->cap = cap;
+		wr.d = d;
+	}
+	d->r[d->n++] = (struct inval_range){ ino, off, len };
+	return true;
+}
+
+static gpointer deferred_main(gpointer opaque)
+{
+	struct fs *fs = opaque;
+	struct deferred *d;
+
+	while ((d = g_async_queue_pop(fs->deferred)) != deferred_stop_marker) {
+		for (unsigned i = 0; i < d->n; i++)
+			fuse_lowlevel_notify_inval_inode(fs->se, d->r[i].ino, (off_t)d->r[i].off,
+							 (off_t)d->r[i].len);
+		reply(d->req, d->err, d->written, d->write);
+		free(d);
+	}
+	return NULL;
+}
+
+void fs_start_deferred(struct fs *fs)
+{
+	GError *err = NULL;
+
+	if (fs->single_thread)
+		return;
+	fs->deferred = g_async_queue_new();
+	fs->deferred_thread = g_thread_try_new("imgfs-inval", deferred_main, fs, &err);
+	if (!fs->deferred_thread) {
+		/* writes then invalidate in their worker: as safe as the pool is large */
+		log_warn("cannot start the invalidation thread: %s", err->message);
+		g_error_free(err);
+		g_async_queue_unref(fs->deferred);
+		fs->deferred = NULL;
+	}
+}
+
+void fs_stop_deferred(struct fs *fs)
+{
+	if (!fs->deferred)
+		return;
+	/* the FUSE workers have ended: nothing is pushed after the marker */
+	g_async_queue_push(fs->deferred, deferred_stop_marker);
+	g_thread_join(fs->deferred_thread);
+	g_async_queue_unref(fs->deferred);
+	fs->deferred = NULL;
+	fs->deferred_thread = NULL;
+}
+
 /* Is view v a slice of disk that overlaps [off, off+len)? */
 static bool overlaps(const struct view *v, uint64_t off, uint64_t len)
 {
@@ -803,11 +931,12 @@ static void inval_overlap(struct fs *fs, struct view *v, fuse_ino_t ino,
 {
 	uint64_t start, end;
 
-	if (ino == writing_ino || !overlaps(v, off, len))
+	if (!overlaps(v, off, len) || (wr.on && ino == wr.self))
 		return;
 	start = MAX(off, v->offset) - v->offset;
 	end = MIN(off + len, v->offset + v->length) - v->offset;
-	fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
+	if (!wr.on || !defer_range(ino, start, end - start))
+		fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
 }
 
 void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len)
@@ -820,11 +949,8 @@ void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len)
 		return;
 	if (!fs->dir_mode) {
 		/* one view, one inode: no list to copy on every write */
-		struct view *v;
+		struct view *v = image_find_view(fs->img, fs->file_view);
 
-		if (writing_ino == FUSE_ROOT_ID)
-			return;
-		v = image_find_view(fs->img, fs->file_view);
 		if (v)
 			inval_overlap(fs, v, FUSE_ROOT_ID, off, len);
 		return;

@@ -24,6 +24,7 @@ struct fs {
 	bool single_thread;  /* no page cache: -s cannot serve invalidation */
 	bool cached_writes;  /* writes through the page cache, not direct_io */
 	bool splice;         /* read replies spliced from the image file */
+	unsigned max_threads;/* FUSE worker threads at most */
 	unsigned max_read;   /* the mount's max_read, 0 if none */
 	char *control_path;  /* NBD control socket, exposed as user.imgfs.control */
 	struct nbd_control *control;
@@ -32,6 +33,10 @@ struct fs {
 	GHashTable *by_name; /* view name -> struct fs_node*; inodes are stable for a name */
 	GPtrArray *by_ino;   /* ino - 1 -> struct fs_node* (index 0 is the root) */
 	void *observer;
+
+	/* write replies deferred until other views' pages are dropped (fs-ops.c) */
+	GAsyncQueue *deferred;
+	GThread *deferred_thread;
 };
 
 /* Requests: max_write, and the readahead the daemon asks the kernel for. */
@@ -48,5 +53,10 @@ void fs_init_nodes(struct fs *fs);
 void fs_free_nodes(struct fs *fs);
 /* Observer: invalidate the kernel cache of every view overlapping a disk write. */
 void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len);
+/* The thread that invalidates for FUSE writes and then answers them: started
+ * in the daemon (after the fork), stopped after the FUSE loop has ended and
+ * before the session is destroyed. */
+void fs_start_deferred(struct fs *fs);
+void fs_stop_deferred(struct fs *fs);
 
 #endif

@@ -47,6 +47,7 @@ struct cli {
 	int own_fsname, own_subtype; /* -o fsname=, subtype= given: keep them */
 	unsigned max_read;           /* -o max_read= given (init must agree) */
 	int no_splice;
+	unsigned max_threads;
 	int help, version;
 	int nonopts;
 	int bad;
@@ -68,6 +69,8 @@ static const struct fuse_opt cli_opts[] = {
 	OPT("cache_size=%s", cache_size, 0),
 	OPT("--no-splice", no_splice, 1),
 	OPT("no_splice", no_splice, 1),
+	OPT("--max-threads=%u", max_threads, 0),
+	OPT("max_threads=%u", max_threads, 0),
 	OPT("--cached-writes", cached_writes, 1),
 	OPT("cached_writes", cached_writes, 1),
 	OPT("--pid-file=%s", pid_file, 0),
@@ -241,11 +244,13 @@ static void usage(FILE *f)
 "                         needs this option)\n"
 "  --no-splice            copy read replies; by default (as root) they are\n"
 "                         spliced from the image file where it holds the bytes\n"
+"  --max-threads=N        FUSE worker threads at most (default: 2 per CPU,\n"
+"                         at least 4, at most 64)\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
 "                         no_backing, cache_size=, cached_writes,\n"
-"                         no_splice, pid_file= (for fstab);\n"
+"                         no_splice, max_threads=, pid_file= (for fstab);\n"
 "                         mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
 "                         x-*...) are ignored\n"
 "  --pid-file=PATH        write the daemon's pid to PATH\n"
@@ -499,6 +504,22 @@ static int install_signals(struct fuse_session *se)
 	return fuse_set_signal_handlers(se);
 }
 
+/*
+ * FUSE workers: few.  The kernel wakes its readers in turn, the one idle
+ * longest first, so every idle worker takes a share of the requests and
+ * their stacks and buffers go cold; on this project's 2-CPU machine 4
+ * workers serve 4-job random reads ~10 % faster than 64 (doc/performance.md).
+ * No worker ever waits for another (invalidations have a thread of their
+ * own), so any bound is safe; it bounds the host reads in flight, hence
+ * two per CPU and at least 4.
+ */
+static unsigned default_max_threads(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	return (unsigned)CLAMP(2 * (n > 0 ? n : 1), 4, 64);
+}
+
 static int serve(struct cli *c, struct fs *fs)
 {
 	struct fuse_loop_config *cfg;
@@ -508,8 +529,10 @@ static int serve(struct cli *c, struct fs *fs)
 		return fuse_session_loop(fs->se);
 	cfg = fuse_loop_cfg_create();
 	fuse_loop_cfg_set_clone_fd(cfg, 1);
-	fuse_loop_cfg_set_idle_threads(cfg, 16);
-	fuse_loop_cfg_set_max_threads(cfg, 64);
+	/* idle workers are kept (starting one per burst costs more than it
+	 * holds); the bound is max_threads */
+	fuse_loop_cfg_set_idle_threads(cfg, fs->max_threads);
+	fuse_loop_cfg_set_max_threads(cfg, fs->max_threads);
 	r = fuse_session_loop_mt(fs->se, cfg);
 	fuse_loop_cfg_destroy(cfg);
 	return r;
@@ -617,6 +640,10 @@ int main(int argc, char **argv)
 			c.cache_size);
 		return EXIT_USAGE;
 	}
+	if (c.max_threads > 1024) {
+		fprintf(stderr, "imgfs: --max-threads=%u: at most 1024\n", c.max_threads);
+		return EXIT_USAGE;
+	}
 	if (stat(c.image, &fs->image_st) < 0) {
 		fprintf(stderr, "imgfs: %s: %s\n", c.image, strerror(errno));
 		return EXIT_IMAGE;
@@ -636,6 +663,7 @@ int main(int argc, char **argv)
 	}
 	fs->single_thread = c.single;
 	fs->cached_writes = c.cached_writes;
+	fs->max_threads = c.max_threads ? c.max_threads : default_max_threads();
 	/*
 	 * Splice read replies from the image file (fs-ops.c op_read).  libfuse
 	 * splices only when a reply fits the thread's pipe, which may grow to
@@ -707,6 +735,7 @@ int main(int argc, char **argv)
 		log_warn("cannot write pid file %s: %s", c.pid_file, strerror(-r));
 	if (install_signals(fs->se) != 0)
 		log_warn("cannot install signal handlers");
+	fs_start_deferred(fs);
 	fs->observer = image_add_observer(fs->img, fs_on_disk_write, fs);
 	control_socket_path(&fs->control_path);
 	fs->control = nbd_control_start(fs->img, fs->control_path, &e);
@@ -727,6 +756,7 @@ int main(int argc, char **argv)
 	serve(&c, fs);
 	/* however the loop ended — unmount, SIGTERM, SIGINT — end the same way */
 	fuse_remove_signal_handlers(fs->se);
+	fs_stop_deferred(fs);
 	if (fs->control)
 		nbd_control_stop(fs->control);
 	image_remove_observer(fs->img, fs->observer);

@@ -179,3 +179,34 @@ teardown() {
 		unmount_imgfs mnt
 	done
 }
+
+# --max-threads bounds the FUSE workers, and so does the default.  A worker
+# is a thread of the daemon waiting in the kernel's FUSE read.
+@test "--max-threads and -o max_threads= bound the FUSE workers; a bound past 1024 is a usage error" {
+	command -v fio >/dev/null || skip "fio is not installed"
+	[ -r "/proc/self/stack" ] || skip "kernel stacks are not readable"
+	local opts pid workers max
+	for opts in --max-threads=2 "-o max_threads=3" ""; do
+		# shellcheck disable=SC2086
+		mount_imgfs a.qcow2 mnt $opts
+		pid=$(last_pid)
+		fio --name=r --filename=mnt/disk --ioengine=psync --direct=1 --rw=randread \
+			--bs=4k --numjobs=12 --time_based --runtime=1 --output=/dev/null
+		sleep 0.2
+		workers=$(grep -l fuse_dev_do_read /proc/"$pid"/task/*/stack | wc -l)
+		case $opts in
+		--max-threads=2) max=2 ;;
+		"-o max_threads=3") max=3 ;;
+		*) max=$(( $(nproc) * 2 )); [ $max -ge 4 ] || max=4; [ $max -le 64 ] || max=64 ;;
+		esac
+		echo "${opts:-default}: $workers workers after 12 readers, bound $max" >&2
+		[ "$workers" -le "$max" ]
+		# the readers were served in parallel
+		[ "$workers" -ge 2 ]
+		unmount_imgfs mnt
+	done
+	run "$IMGFS" --max-threads=1025 a.qcow2 mnt
+	[ "$status" -eq 1 ]
+	[[ "$output" == *"at most 1024"* ]]
+	not_mounted mnt
+}

@@ -39,8 +39,16 @@ track_pid() {
 	_PIDS+=("$1")
 }
 
+# A path made absolute without touching it (realpath stats: a hung mount hangs it).
+abs_path() {
+	case $1 in
+	/*) printf '%s\n' "$1" ;;
+	*) printf '%s/%s\n' "$PWD" "${1#./}" ;;
+	esac
+}
+
 is_mounted() {
-	grep -q " $(realpath -s "$1") fuse" /proc/self/mounts
+	grep -q " $(abs_path "$1") fuse" /proc/self/mounts
 }
 
 # Unmount and wait for the daemon to exit; fails if it leaves anything behind.
@@ -72,6 +80,17 @@ wait_gone() {
 	done
 	echo "process $pid did not exit" >&2
 	return 1
+}
+
+# End a FUSE mount's connection (a hung one): every request in it fails.
+# From mountinfo, so a hung mount is never stat()ed.
+abort_fuse() {
+	local dev
+	dev=$(awk -v m="$(abs_path "$1")" '$5 == m { print $3 }' /proc/self/mountinfo | tail -1)
+	[ -n "$dev" ] || return 1
+	grep -q ' /sys/fs/fuse/connections ' /proc/self/mounts ||
+		mount -t fusectl fusectl /sys/fs/fuse/connections
+	echo 1 > "/sys/fs/fuse/connections/${dev#*:}/abort"
 }
 
 common_teardown() {
