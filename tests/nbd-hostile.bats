@@ -45,62 +45,14 @@ fds_back_to() {
 
 # The clients.  usage: client MODE [ARGS...]
 client() {
-	timeout 60 $PY - "$SOCK" "$@" <<'PY'
-import socket, struct, sys, time
+	NBDWIRE_DIR="$BATS_TEST_DIRNAME/lib" timeout 60 $PY - "$SOCK" "$@" <<'PY'
+import os, socket, struct, sys, time
 path, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-IHAVEOPT = 0x49484156454F5054
-REQ, SIMPLE, STRUCT = 0x25609513, 0x67446698, 0x668e33ef
-READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = 0, 1, 2, 3, 4, 5, 6, 7
-
+sys.path.insert(0, os.environ["NBDWIRE_DIR"])
+from nbdwire import *
+_conn = conn
 def conn(timeout=20):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError
-        b += c
-    return b
-
-def handshake(s, structured=False):
-    assert recvn(s, 18)[:8] == b"NBDMAGIC"
-    s.sendall(struct.pack(">I", 3))      # FIXED_NEWSTYLE | NO_ZEROES
-    if structured:
-        s.sendall(struct.pack(">QII", IHAVEOPT, 8, 0))
-        magic, opt, typ, ln = struct.unpack(">QIII", recvn(s, 20))
-        recvn(s, ln)
-        assert typ == 1, typ
-    s.sendall(struct.pack(">QII", IHAVEOPT, 1, 0))   # EXPORT_NAME ""
-    size, flags = struct.unpack(">QH", recvn(s, 10))
-    return size
-
-def request(s, typ, off, ln, cookie=1, flags=0, payload=b""):
-    s.sendall(struct.pack(">IHHQQI", REQ, flags, typ, cookie, off, ln) + payload)
-
-def reply(s):
-    """(error, data) for one request, simple or structured."""
-    magic = struct.unpack(">I", recvn(s, 4))[0]
-    if magic == SIMPLE:
-        err, cookie = struct.unpack(">IQ", recvn(s, 12))
-        return err, None
-    assert magic == STRUCT, hex(magic)
-    err, data = 0, b""
-    while True:
-        flags, typ, cookie, ln = struct.unpack(">HHQI", recvn(s, 16))
-        body = recvn(s, ln)
-        if typ & 0x8000:
-            err = struct.unpack(">I", body[:4])[0]
-        elif typ == 1:
-            data += body[8:]
-        if flags & 1:
-            return err, data
-        magic = struct.unpack(">I", recvn(s, 4))[0]
-        assert magic == STRUCT
+    return _conn(path, timeout)
 
 def good():
     """A whole, well-behaved session: read 4 KiB of 0x5a, disconnect."""

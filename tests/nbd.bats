@@ -55,33 +55,17 @@ PY
 
 # A raw-socket client; prints what happened.  usage: hostile KIND
 hostile() {
-	$PY - "$SOCK" "$1" <<'PY'
-import socket, struct, sys, time
+	NBDWIRE_DIR="$BATS_TEST_DIRNAME/lib" $PY - "$SOCK" "$1" <<'PY'
+import os, struct, sys, time
 path, kind = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(20)
-s.connect(path)
-def recvn(n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError
-        b += c
-    return b
-def eof():
-    try:
-        while s.recv(4096):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-IHAVEOPT = 0x49484156454F5054
-hello = recvn(18)
+sys.path.insert(0, os.environ["NBDWIRE_DIR"])
+from nbdwire import IHAVEOPT, REQ, conn, eof, recvn
+s = conn(path)
+hello = recvn(s, 18)
 assert hello[:8] == b"NBDMAGIC"
 if kind == "stall":
     t = time.time()
-    print("dropped after", round(eof() and time.time() - t), "s")
+    print("dropped after", round(eof(s) and time.time() - t), "s")
     sys.exit(0)
 s.sendall(struct.pack(">I", 3))
 if kind == "bad-option-magic":
@@ -90,23 +74,23 @@ elif kind == "oversized-option":
     s.sendall(struct.pack(">QII", IHAVEOPT, 7, 0xFFFFFFFF))
 elif kind == "huge-name":
     s.sendall(struct.pack(">QII", IHAVEOPT, 7, 65000) + struct.pack(">I", 64994) + b"a" * 64994 + b"\0\0")
-    rep = recvn(20)
+    rep = recvn(s, 20)
     print("reply", hex(struct.unpack(">QIII", rep)[2]))
     s.sendall(struct.pack(">QII", IHAVEOPT, 2, 0))
-    recvn(20)
+    recvn(s, 20)
 else:
     s.sendall(struct.pack(">QII", IHAVEOPT, 1, 0))       # EXPORT_NAME ""
-    recvn(10)
+    recvn(s, 10)
     if kind == "oversized-write":
-        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 33 * 1024 * 1024) + b"\0" * 4096)
+        s.sendall(struct.pack(">IHHQQI", REQ, 0, 1, 1, 0, 33 * 1024 * 1024) + b"\0" * 4096)
     elif kind == "bad-request-magic":
         s.sendall(b"\xde\xad\xbe\xef" + b"\0" * 24)
     elif kind == "unknown-command":
-        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 77, 5, 0, 0))
-        magic, err, cookie = struct.unpack(">IIQ", recvn(16))
+        s.sendall(struct.pack(">IHHQQI", REQ, 0, 77, 5, 0, 0))
+        magic, err, cookie = struct.unpack(">IIQ", recvn(s, 16))
         print("error", err)
         sys.exit(0)
-print("disconnected" if eof() else "still open")
+print("disconnected" if eof(s) else "still open")
 PY
 }
 
