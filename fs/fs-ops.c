@@ -36,9 +36,9 @@ struct deferred {
 
 /* A FUSE write or fallocate in progress on this thread (see "coherency"). */
 static __thread struct {
-	bool on;
 	fuse_ino_t self;     /* its inode if the kernel keeps that cache itself, or 0 */
-	struct deferred *d;  /* the ranges to drop before the reply, or NULL */
+	bool defer;          /* collect the ranges to drop for the reply's thread */
+	struct deferred *d;  /* those ranges so far, or NULL */
 } wr;
 
 static void write_begin(struct fs *fs, fuse_ino_t self);
@@ -830,9 +830,9 @@ static void reply(fuse_req_t req, int err, size_t written, bool write)
 
 static void write_begin(struct fs *fs, fuse_ino_t self)
 {
-	/* no thread to hand over to: invalidate in place, as -s does not need */
-	wr.on = fs->deferred != NULL;
 	wr.self = self;
+	/* no thread to hand over to (it could not start): invalidate in place */
+	wr.defer = fs->deferred != NULL;
 	wr.d = NULL;
 }
 
@@ -841,7 +841,8 @@ static void write_end(fuse_req_t req, int err, size_t written, bool write)
 {
 	struct deferred *d = wr.d;
 
-	wr.on = false;
+	wr.self = 0;
+	wr.defer = false;
 	wr.d = NULL;
 	if (!d) {
 		reply(req, err, written, write);
@@ -931,11 +932,11 @@ static void inval_overlap(struct fs *fs, struct view *v, fuse_ino_t ino,
 {
 	uint64_t start, end;
 
-	if (!overlaps(v, off, len) || (wr.on && ino == wr.self))
+	if (!overlaps(v, off, len) || ino == wr.self)
 		return;
 	start = MAX(off, v->offset) - v->offset;
 	end = MIN(off + len, v->offset + v->length) - v->offset;
-	if (!wr.on || !defer_range(ino, start, end - start))
+	if (!wr.defer || !defer_range(ino, start, end - start))
 		fuse_lowlevel_notify_inval_inode(fs->se, ino, (off_t)start, (off_t)(end - start));
 }
 
