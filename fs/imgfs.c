@@ -242,8 +242,10 @@ static void usage(FILE *f)
 "                         files opened for writing use direct I/O, faster;\n"
 "                         a MAP_SHARED mmap of a file opened for writing\n"
 "                         needs this option)\n"
-"  --no-splice            copy read replies; by default (as root) they are\n"
-"                         spliced from the image file where it holds the bytes\n"
+"  --no-splice            copy read replies; by default they are spliced from\n"
+"                         the image file where it holds the bytes (a user\n"
+"                         other than root: if the workers' pipes fit the\n"
+"                         user's pipe limit)\n"
 "  --max-threads=N        FUSE worker threads at most (default: 2 per CPU,\n"
 "                         at least 4, at most 64)\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
@@ -520,6 +522,42 @@ static unsigned default_max_threads(void)
 	return (unsigned)CLAMP(2 * (n > 0 ? n : 1), 4, 64);
 }
 
+/* A number from a /proc file; false if it cannot be read. */
+static bool read_proc_ulong(const char *path, unsigned long *v)
+{
+	FILE *f = fopen(path, "r");
+	bool ok;
+
+	if (!f)
+		return false;
+	ok = fscanf(f, "%lu", v) == 1;
+	fclose(f);
+	return ok;
+}
+
+/*
+ * Can each worker's pipe hold a spliced reply?  libfuse splices only when
+ * the reply fits the thread's pipe, which it grows up to
+ * /proc/sys/fs/pipe-max-size (1 MiB by default: FS_SPLICE_MAX_READ is cut
+ * to fit it); otherwise it copies through an mmap, at half the speed of a
+ * plain copy.  A user other than root also has all their pipes together
+ * capped at pipe-user-pages-soft pages (16384 by default, 0 for none):
+ * splice when the workers' pipes take at most half of that, leaving the
+ * rest to the user's other pipes.
+ */
+static bool splice_fits(unsigned workers)
+{
+	unsigned long max, soft, pipe_pages = (1u << 20) / (unsigned long)sysconf(_SC_PAGESIZE);
+
+	if (!read_proc_ulong("/proc/sys/fs/pipe-max-size", &max) || max < (1u << 20))
+		return false;
+	if (geteuid() == 0)
+		return true;
+	if (!read_proc_ulong("/proc/sys/fs/pipe-user-pages-soft", &soft))
+		return false;
+	return soft == 0 || workers * pipe_pages <= soft / 2;
+}
+
 static int serve(struct cli *c, struct fs *fs)
 {
 	struct fuse_loop_config *cfg;
@@ -664,16 +702,10 @@ int main(int argc, char **argv)
 	fs->single_thread = c.single;
 	fs->cached_writes = c.cached_writes;
 	fs->max_threads = c.max_threads ? c.max_threads : default_max_threads();
-	/*
-	 * Splice read replies from the image file (fs-ops.c op_read).  libfuse
-	 * splices only when a reply fits the thread's pipe, which may grow to
-	 * /proc/sys/fs/pipe-max-size (1 MiB by default) — and past a user's
-	 * pipe-user-pages-soft, to nothing, and then libfuse copies through an
-	 * mmap, at half speed.  Root is exempt from that limit: splice only
-	 * there, and cut requests to FS_SPLICE_MAX_READ so a reply fits.  A
-	 * max_read of the user's own is kept; replies past it are copied.
-	 */
-	fs->splice = !c.no_splice && !fs->single_thread && geteuid() == 0;
+	/* splice read replies from the image file (fs-ops.c op_read), in
+	 * requests cut to FS_SPLICE_MAX_READ so a reply fits a worker's pipe;
+	 * a max_read of the user's own is kept (replies past it are copied) */
+	fs->splice = !c.no_splice && !fs->single_thread && splice_fits(fs->max_threads);
 	fs->max_read = c.max_read;
 	if (fs->splice && !c.max_read) {
 		char *mr = g_strdup_printf("-omax_read=%u", FS_SPLICE_MAX_READ);

@@ -12,6 +12,9 @@ setup() {
 }
 teardown() {
 	common_teardown
+	[ -z "${_FUSE_MODE:-}" ] || chmod "$_FUSE_MODE" /dev/fuse
+	[ -z "${_PIPE_SOFT:-}" ] || sysctl -q fs.pipe-user-pages-soft="$_PIPE_SOFT"
+	[ -z "${_USER_DIR:-}" ] || rm -rf "$_USER_DIR"
 	if [ -n "${_LINKED:-}" ] && [ "$(readlink /usr/local/bin/imgfs)" = "$IMGFS" ]; then
 		rm -f /usr/local/bin/imgfs
 	fi
@@ -153,12 +156,12 @@ teardown() {
 	not_mounted mnt
 }
 
-# Read replies are spliced from the image file as root (requests cut to fit
-# a pipe); --no-splice copies them; a max_read of the user's own is kept.
+# Read replies are spliced from the image file (requests cut to fit a pipe);
+# --no-splice copies them; a max_read of the user's own is kept.
 # Every mode must give qemu's bytes over backing data, zero clusters, a
 # compressed cluster and plain clusters.
 @test "spliced, copied and max_read-limited reads all give qemu's bytes" {
-	[ "$(id -u)" = 0 ] || skip "splicing is for root"
+	[ "$(id -u)" = 0 ] || skip "pipes of 1 MiB for every worker need root here"
 	qemu-img create -q -f qcow2 base.qcow2 8M
 	qemu-io -c "write -P 0x61 0 8M" base.qcow2 >/dev/null
 	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
@@ -209,4 +212,41 @@ teardown() {
 	[ "$status" -eq 1 ]
 	[[ "$output" == *"at most 1024"* ]]
 	not_mounted mnt
+}
+
+# A user other than root splices too, when the workers' pipes (1 MiB each)
+# take at most half of the user's pipe-user-pages-soft; past that, libfuse
+# would copy through an mmap at half speed, so imgfs copies itself.
+@test "a user other than root splices when the workers' pipes fit the user's pipe limit, and copies when not" {
+	[ "$(id -u)" = 0 ] || skip "needs root to run as another user"
+	command -v setpriv >/dev/null || skip "setpriv is not installed"
+	# a directory the user can reach (the test's own is root's alone)
+	_USER_DIR=$(mktemp -d /tmp/imgfs-user.XXXXXX)
+	chmod 755 "$_USER_DIR"
+	cd "$_USER_DIR"
+	mkdir mnt
+	qemu-img create -q -f qcow2 -o cluster_size=65536 u.qcow2 8M
+	qemu-io -c "write -P 0x71 0 3M" -c "write -c -P 0x72 4M 64k" -c "write -z 5M 1M" u.qcow2 >/dev/null
+	qemu_raw u.qcow2 ref.raw
+	chown nobody u.qcow2 mnt ref.raw
+	# a libfuse mount as a user opens /dev/fuse itself
+	_FUSE_MODE=$(stat -c %a /dev/fuse)
+	chmod 666 /dev/fuse
+	_PIPE_SOFT=$(sysctl -n fs.pipe-user-pages-soft)
+	as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
+	local soft
+	# 2 workers: 512 pages of pipes; a limit of 1024 fits them, 1000 does not
+	for soft in 1024 1000; do
+		sysctl -q fs.pipe-user-pages-soft=$soft
+		as_nobody "$IMGFS" --max-threads=2 u.qcow2 mnt
+		_MOUNTS+=("$_USER_DIR/mnt")
+		if [ $soft = 1024 ]; then
+			grep -q " $_USER_DIR/mnt fuse.imgfs .*max_read=917504" /proc/mounts
+		else
+			run grep " $_USER_DIR/mnt fuse.imgfs .*max_read=" /proc/mounts
+			[ "$status" -ne 0 ]
+		fi
+		as_nobody cmp mnt/disk ref.raw
+		fusermount3 -u mnt
+	done
 }
