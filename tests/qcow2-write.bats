@@ -446,10 +446,12 @@ PY
 
 @test "imgfs refuses a qcow2 image qemu-nbd serves writable; readers share with a reader" {
 	qemu-img create -q -f qcow2 a.qcow2 8M
-	qemu-nbd -f qcow2 -k "$T/q.sock" a.qcow2 &
+	# qemu-nbd makes its socket before it opens (and locks) the image:
+	# it holds the lock once it answers
+	qemu-nbd -t -f qcow2 -k "$T/q.sock" a.qcow2 &
 	track_pid $!
-	for _ in $(seq 300); do [ -S "$T/q.sock" ] && break; sleep 0.1; done
-	[ -S "$T/q.sock" ]
+	for _ in $(seq 300); do nbdinfo --size "nbd+unix:///?socket=$T/q.sock" >/dev/null 2>&1 && break; sleep 0.1; done
+	nbdinfo --size "nbd+unix:///?socket=$T/q.sock"
 	run "$IMGFS" a.qcow2 mnt
 	[ "$status" -eq 2 ]
 	[[ "$output" == *"in use"* ]]
@@ -459,10 +461,10 @@ PY
 	kill "${_PIDS[-1]}"
 	wait_gone "${_PIDS[-1]}"
 	# qemu-nbd -r is a reader: a read-only mount gets in, a writable one not
-	qemu-nbd -r -f qcow2 -k "$T/r.sock" a.qcow2 &
+	qemu-nbd -t -r -f qcow2 -k "$T/r.sock" a.qcow2 &
 	track_pid $!
-	for _ in $(seq 300); do [ -S "$T/r.sock" ] && break; sleep 0.1; done
-	[ -S "$T/r.sock" ]
+	for _ in $(seq 300); do nbdinfo --size "nbd+unix:///?socket=$T/r.sock" >/dev/null 2>&1 && break; sleep 0.1; done
+	nbdinfo --size "nbd+unix:///?socket=$T/r.sock"
 	mount_imgfs a.qcow2 mnt -r
 	unmount_imgfs mnt
 	run "$IMGFS" a.qcow2 mnt
