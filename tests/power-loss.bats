@@ -24,12 +24,20 @@ setup() {
 }
 teardown() { common_teardown; }
 
-# LD_PRELOAD for the daemon: an ASan build needs its runtime first in the
-# list, before any other preloaded library.
-preload() {
+# imgfs with the recorder preloaded, as a program mount_imgfs can run (a
+# variable set on the call would reach mount_imgfs' mktemp too).  An ASan
+# build needs its runtime first in LD_PRELOAD, before any other library.
+# usage: recording_imgfs IMAGE LOG  (prints the wrapper's path)
+recording_imgfs() {
 	local asan
 	asan=$(ldd "$IMGFS" | awk '/libasan/ { print $3 }')
-	printf '%s\n' "${asan:+$asan }$WRITELOG_SO"
+	cat >imgfs-recorded <<-EOF
+		#!/bin/sh
+		IMGFS_WRITELOG_FILE='$1' IMGFS_WRITELOG='$2' \\
+		LD_PRELOAD='${asan:+$asan }$WRITELOG_SO' exec '$IMGFS' "\$@"
+	EOF
+	chmod +x imgfs-recorded
+	printf '%s\n' "$PWD/imgfs-recorded"
 }
 
 # Keep a copy of IMAGE as before.qcow2, then mount it with the recorder in
@@ -38,8 +46,7 @@ preload() {
 record_workload() {
 	local img=$1
 	cp "$img" before.qcow2
-	IMGFS_WRITELOG_FILE="$PWD/$img" IMGFS_WRITELOG="$PWD/write.log" LD_PRELOAD="$(preload)" \
-		mount_imgfs "$img" mnt
+	IMGFS=$(recording_imgfs "$PWD/$img" "$PWD/write.log") mount_imgfs "$img" mnt
 	python3 "$WL" run mnt/disk "$2" "$3" "$4" ops.log
 	unmount_imgfs mnt
 	# the recording misses nothing: replayed in full, it is the image left
