@@ -19,7 +19,7 @@ CRASHES=24
 
 setup() {
 	common_setup
-	mkdir mnt ro
+	mkdir mnt crashed
 	[ -e "$WRITELOG_SO" ] || skip "tests/lib/writelog.so is not built (make check builds it)"
 }
 teardown() { common_teardown; }
@@ -58,12 +58,12 @@ record_workload() {
 # EARLY barriers (where the workload's first writes make L2 tables and
 # refcount blocks), one torn at random and one with only the last writes
 # landed (powerloss.py: even and odd seeds), the rest spread evenly up to
-# the last barrier.  After each:
-# qemu-img check finds no corruption (0 clean, 3 leaks only; 2 is
-# corruption), every write the workload had fsync'd by then reads back
-# through qemu, imgfs (read-only) reads what qemu reads, and the snapshot
-# in snap.raw, if there is one, is untouched.  One of them is then mounted
-# writable, which repairs it.  usage: power_losses NOPS
+# the last barrier.  After each: qemu-img check finds no corruption (0
+# clean, 3 leaks only; 2 is corruption), every write the workload had
+# fsync'd by then reads back through qemu, imgfs (read-only) reads what
+# qemu reads, and the snapshot in snap.raw, if there is one, is untouched.
+# One of them is then mounted writable, which repairs it.
+# usage: power_losses NOPS
 EARLY=8
 power_losses() {
 	local nops=$1 nb i k owed
@@ -86,13 +86,13 @@ power_losses() {
 			qemu_raw crash.qcow2 crash-snap.raw -l snapshot.name=s
 			same_bytes crash-snap.raw snap.raw
 		fi
-		mount_imgfs crash.qcow2 ro -r
-		same_bytes ro/disk crash.raw
-		unmount_imgfs ro
+		mount_imgfs crash.qcow2 crashed -r
+		same_bytes crashed/disk crash.raw
+		unmount_imgfs crashed
 		if [ "$i" -eq $((2 * EARLY)) ]; then
 			# a writable open repairs it: no leaks after, same bytes
-			mount_imgfs crash.qcow2 ro
-			unmount_imgfs ro
+			mount_imgfs crash.qcow2 crashed
+			unmount_imgfs crashed
 			qemu-img check crash.qcow2
 			qemu_raw crash.qcow2 repaired.raw
 			same_bytes repaired.raw crash.raw
