@@ -624,7 +624,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		snaps[i].size = sv[i]->dev->size;
 		read_span(sv[i]->dev, &snaps[i], 0, snaps[i].size, true, false, NULL);
 	}
-	healthy &= refs_hold(s, false);
+	if (!healthy && getenv("FUZZ_VERBOSE"))
+		fprintf(stderr, "fuzz-write: some of the disk does not read\n");
+	if (!refs_hold(s, false)) {
+		healthy = false;
+		if (getenv("FUZZ_VERBOSE"))
+			fprintf(stderr, "fuzz-write: the refcounts do not cover every reference\n");
+	}
 
 	for (size_t i = 0; i < nops; i++) {
 		struct op o = decode_op(ops + i * OP_SIZE, disk.size);
