@@ -69,7 +69,6 @@
 #define MAX_SNAPS    4
 #define CHUNK        (64u << 10)
 #define MAX_DIR_SCAN (2u << 20)
-#define QCOW2_EXT_DATA_FILE_MAGIC 0x44415441u
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -146,7 +145,7 @@ static bool names_host_file(const uint8_t *data, size_t size)
 		uint32_t len;
 		const uint8_t *name;
 
-		if (be32(data + off) != QCOW2_EXT_DATA_FILE_MAGIC)
+		if (be32(data + off) != QCOW2_EXT_DATA_FILE)
 			continue;
 		len = be32(data + off + 4);
 		name = data + off + 8;
