@@ -610,7 +610,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (image_open(img_path, &opts, &img, &e) < 0)
 		return 0;
 	s = qcow2_state(img->top);
-	if (!s || !s->w || s->data_file || img->disk->size > MAX_DISK || img->disk->read_only) {
+	if (!s || !s->w || s->data_file || img->disk->read_only ||
+	    !img->disk->size || img->disk->size > MAX_DISK) {
 		image_close(img);
 		return 0;
 	}
