@@ -114,6 +114,23 @@ static uint64_t snapshot_table_bytes(const struct qcow2 *s)
 	return s->snapshots_size;
 }
 
+/*
+ * A snapshot's L1 table is only validated when its view is opened
+ * (qcow2_check_l1): here its offset and size are still whatever the
+ * snapshot table says.  Only the part inside the file can hold a table
+ * to protect; without that bound, one entry claiming 3 G entries put
+ * 50 Mi clusters into the set (1.7 GiB, 4 s) for a 5 KiB image, and a
+ * few such entries exhaust memory at a writable open.
+ */
+static void mset_snapshot_l1(struct qcow2 *s, const struct qcow2_snap *sn)
+{
+	uint64_t fsize = qcow2_file_size(s->file), len = (uint64_t)sn->l1_size * 8;
+
+	if (sn->l1_offset >= fsize)
+		return;
+	mset_range(s, sn->l1_offset, MIN(len, fsize - sn->l1_offset), QM_SNAP_L1);
+}
+
 int qcow2_meta_build(struct qcow2 *s, struct err *e)
 {
 	struct qcow2_writer *w = s->w;
@@ -128,7 +145,7 @@ int qcow2_meta_build(struct qcow2 *s, struct err *e)
 	if (s->nsnaps)
 		mset_range(s, s->snapshots_offset, snapshot_table_bytes(s), QM_SNAPTABLE);
 	for (unsigned i = 0; i < s->nsnaps; i++)
-		mset_range(s, s->snaps[i].l1_offset, (uint64_t)s->snaps[i].l1_size * 8, QM_SNAP_L1);
+		mset_snapshot_l1(s, &s->snaps[i]);
 	for (uint32_t i = 0; i < s->l1.size; i++) {
 		uint64_t l2 = s->l1.table[i] & QCOW2_OFFSET_MASK;
 

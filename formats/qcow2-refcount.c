@@ -235,8 +235,9 @@ static int new_refblock(struct qcow2 *s, uint64_t idx, uint64_t avoid_lo, uint64
 	w->rt_dirty = true;
 	w->alloc_end = MAX(w->alloc_end, c + 1);
 	qcow2_mset_put(&w->meta, c, QM_REFBLOCK);
-	/* in its own range this lands in the block just made */
-	return qcow2_rc_add(s, c, +1);
+	/* in its own range this lands in the block just made; else c is
+	 * free (see qcow2_alloc_clusters for why 1 and not +1) */
+	return qcow2_rc_set(s, c, 1);
 }
 
 /*
@@ -312,9 +313,10 @@ static int grow_reftable(struct qcow2 *s, uint64_t need)
 	for (uint64_t c = A + R; c < A + R + T; c++)
 		qcow2_mset_put(&w->meta, c, QM_REFTABLE);
 
-	/* every cluster of the area counts 1; its ranges all have blocks now */
+	/* every cluster of the area counts 1 (set, not added: the area lies
+	 * past alloc_end); its ranges all have blocks now */
 	for (uint64_t c = A; c < A + R + T; c++) {
-		r = qcow2_rc_add(s, c, +1);
+		r = qcow2_rc_set(s, c, 1);
 		if (r < 0)
 			return r;
 	}
@@ -435,8 +437,16 @@ int qcow2_alloc_clusters(struct qcow2 *s, uint64_t n, uint64_t *off)
 			if (r < 0)
 				return r;
 		}
+	/*
+	 * Set to 1, not incremented: below alloc_end a free cluster's count
+	 * is 0 and the two agree, but past it nothing was read and a stale
+	 * count may remain (a refcount block that counts clusters past the
+	 * end of the file, missed when the last block is all zeroes).  +1
+	 * leaked such a cluster for good, and on a count at its maximum
+	 * (1 with refcount_bits=1) failed the write with ERANGE.
+	 */
 	for (uint64_t i = c; i < c + n; i++) {
-		r = qcow2_rc_add(s, i, +1);
+		r = qcow2_rc_set(s, i, 1);
 		if (r < 0)
 			return r;
 	}
