@@ -124,6 +124,15 @@ int64_t bdev_extents_pad(struct bdev_extents *x, int64_t m, uint64_t n, uint64_t
 	return bdev_extents_add(x, -1, 0, len - n) ? (int64_t)len : m;
 }
 
+void bdev_extents_release(struct bdev_extents *x)
+{
+	if (x->unpin)
+		x->unpin(x->pin_ctx, x->pin_tag);
+	x->unpin = NULL;
+	x->pin_ctx = NULL;
+	x->n = 0;
+}
+
 int64_t bdev_map(struct bdev *d, uint64_t off, uint64_t len, struct bdev_extents *x)
 {
 	unsigned n0 = x->n;

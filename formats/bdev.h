@@ -45,6 +45,14 @@ struct bdev_extent {
 struct bdev_extents {
 	struct bdev_extent *ext;
 	unsigned max, n;
+	/*
+	 * Set by a device that may reuse host space (a writable qcow2): the
+	 * extents stay valid, even across a discard and a flush of those bytes,
+	 * until bdev_extents_release().  Zero-initialise the struct.
+	 */
+	void (*unpin)(void *ctx, unsigned tag);
+	void *pin_ctx;
+	unsigned pin_tag;
 };
 
 /* Append a piece; false if it needs an extent and none is left. */
@@ -107,10 +115,16 @@ int bdev_resize(struct bdev *, uint64_t size);
  * them) and returns how many bytes from off they cover, a prefix of the
  * range; it stops early where it cannot say (a compressed cluster, damage,
  * a device without the op, no extent left), so 0 means "read it with
- * bdev_pread", which also reports any damage.  < 0: an error.  The mapping
- * holds until the next write to those bytes, as a read would.
+ * bdev_pread", which also reports any damage.  < 0: an error.  The host
+ * bytes hold what the device held at the time of the call until
+ * bdev_extents_release(x), which the caller must call once it has used
+ * them, whatever bdev_map returned: until then the device does not reuse
+ * those host bytes for other data or punch them out, even if the range is
+ * discarded and flushed (a later write to the range may land in place).
  */
 int64_t bdev_map(struct bdev *, uint64_t off, uint64_t len, struct bdev_extents *x);
+/* End of the caller's use of x's extents; x may be mapped into again. */
+void bdev_extents_release(struct bdev_extents *x);
 
 /*
  * A zeroed bdev with ops set, for implementations; never fails (aborts on OOM).

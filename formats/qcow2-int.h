@@ -21,7 +21,10 @@
  * updates (qcow2_cache_write marks slices dirty, qcow2_cache_flush writes
  * them back), in-flight cluster ranges that overlapping requests wait on,
  * an L1 that grows by publishing a new table, and qcow2_zcache_clear()
- * whenever compressed clusters are freed.
+ * whenever compressed clusters are freed.  Reads of the active disk count
+ * themselves in a reader epoch (qcow2_reader_enter; a bdev_map holds its
+ * place until bdev_extents_release) and a freed cluster is reused or
+ * punched only once every read that may have found it has ended.
  */
 #ifndef IMGFS_QCOW2_INT_H
 #define IMGFS_QCOW2_INT_H

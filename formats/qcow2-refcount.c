@@ -166,6 +166,7 @@ void qcow2_rc_free(struct qcow2 *s)
 	free(w->rbs);
 	free(w->reftable);
 	free(w->pfree);
+	free(w->held);
 }
 
 int qcow2_rc_get(struct qcow2 *s, uint64_t cluster, uint64_t *rc)
@@ -537,26 +538,84 @@ int qcow2_rc_write(struct qcow2 *s)
 	return 0;
 }
 
-int qcow2_rc_apply_frees(struct qcow2 *s)
+unsigned qcow2_reader_enter(struct qcow2_writer *w)
+{
+	for (;;) {
+		unsigned e = atomic_load(&w->readers.epoch);
+
+		atomic_fetch_add(&w->readers.count[e & 1], 1);
+		/* counted before the flip, or seen by it: else count again */
+		if (atomic_load(&w->readers.epoch) == e)
+			return e & 1;
+		atomic_fetch_sub(&w->readers.count[e & 1], 1);
+	}
+}
+
+void qcow2_reader_exit(struct qcow2_writer *w, unsigned tag)
+{
+	atomic_fetch_sub(&w->readers.count[tag], 1);
+}
+
+/* -1 on each held cluster; punch those that are free now. */
+static int apply_held(struct qcow2 *s)
 {
 	struct qcow2_writer *w = s->w;
 	int r = 0;
 
-	for (size_t i = 0; i < w->npfree; i++) {
-		uint64_t c = w->pfree[i], rc;
+	for (size_t i = 0; i < w->nheld && r == 0; i++) {
+		uint64_t c = w->held[i], rc;
 
 		r = qcow2_rc_add(s, c, -1);
-		if (r < 0)
-			break;
-		r = qcow2_rc_get(s, c, &rc);
-		if (r < 0)
-			break;
+		if (r == 0)
+			r = qcow2_rc_get(s, c, &rc);
 		/* release the file space (advisory) */
-		if (rc == 0 && !s->data_file)
+		if (r == 0 && rc == 0 && !s->data_file)
 			bdev_discard(s->file, c << s->cluster_bits, s->cluster_size);
 	}
-	w->npfree = 0;
-	if (w->zcache_stale) {
+	w->nheld = 0;
+	return r;
+}
+
+/*
+ * Frees go through two stages.  Durable ones (pfree, at step 7) become
+ * held, and the reader epoch flips: a read that began before the flip, and
+ * so may have found one of those clusters in an old L2 entry, is counted in
+ * the old epoch's slot; one that began after sees the new entries.  Held
+ * frees are applied once that slot is empty.  Waiting for it here instead
+ * would stall every writer behind a slow reader (an NBD client that stops
+ * reading holds its sendfile's mapping), so a busy slot just defers them.
+ */
+int qcow2_rc_apply_frees(struct qcow2 *s, bool *applied)
+{
+	struct qcow2_writer *w = s->w;
+	int r = 0;
+
+	for (;;) {
+		if (w->nheld) {
+			if (atomic_load(&w->readers.count[w->held_epoch & 1]))
+				break;
+			r = apply_held(s);
+			*applied = true;
+			if (r < 0)
+				break;
+		}
+		if (!w->npfree)
+			break;
+		/* pfree becomes held (the empty held array becomes pfree) */
+		{
+			uint64_t *t = w->held;
+			size_t tcap = w->held_cap;
+
+			w->held = w->pfree;
+			w->held_cap = w->pfree_cap;
+			w->nheld = w->npfree;
+			w->pfree = t;
+			w->pfree_cap = tcap;
+			w->npfree = 0;
+		}
+		w->held_epoch = atomic_fetch_add(&w->readers.epoch, 1);
+	}
+	if (*applied && w->zcache_stale && !w->nheld) {
 		qcow2_zcache_clear(s->zcache);
 		w->zcache_stale = false;
 	}

@@ -625,7 +625,8 @@ static int write_l1(struct qcow2 *s)
 int qcow2_meta_flush(struct qcow2 *s)
 {
 	struct qcow2_writer *w = s->w;
-	bool meta = w->updates || w->rt_dirty || w->npfree;
+	bool meta = w->updates || w->rt_dirty || qcow2_frees_pending(w);
+	bool applied = false;
 	int r;
 
 	if (atomic_load(&w->corrupt))
@@ -648,12 +649,13 @@ int qcow2_meta_flush(struct qcow2 *s)
 	}
 	if (r == 0)
 		r = bdev_flush(s->file);
-	/* 7: frees, now that no durable entry names them */
-	if (r == 0 && w->npfree) {
-		r = qcow2_rc_apply_frees(s);
-		if (r == 0)
+	/* 7: frees, now that no durable entry names them (and, for some, once
+	 * the reads that found them are done) */
+	if (r == 0 && qcow2_frees_pending(w)) {
+		r = qcow2_rc_apply_frees(s, &applied);
+		if (r == 0 && applied)
 			r = qcow2_rc_write(s);
-		if (r == 0)
+		if (r == 0 && applied)
 			r = bdev_flush(s->file);
 	}
 	if (r == 0)

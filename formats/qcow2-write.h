@@ -87,7 +87,17 @@ struct qcow2_writer {
 	/* frees waiting for the L2 change that made them to be durable */
 	uint64_t *pfree;        /* host cluster indexes */
 	size_t npfree, pfree_cap;
+	/* durable frees waiting for the readers that may still use them:
+	 * those counted in readers.count[held_epoch & 1] */
+	uint64_t *held;
+	size_t nheld, held_cap;
+	unsigned held_epoch;
 	bool zcache_stale;
+	/* reads of the active disk in flight (qcow2_reader_enter), by epoch */
+	struct {
+		atomic_uint epoch;
+		atomic_uint count[2];
+	} readers;
 
 	/* L1 clusters to write */
 	uint8_t *l1_dirty;
@@ -121,8 +131,28 @@ void qcow2_free_later(struct qcow2 *s, uint64_t off, uint64_t n);
 void qcow2_free_compressed_later(struct qcow2 *s, uint64_t entry);
 /* Steps 1-2: refblocks, then the refcount table (and header). */
 int qcow2_rc_write(struct qcow2 *s);
-/* Step 7: apply the pending frees (in memory, and punch freed clusters). */
-int qcow2_rc_apply_frees(struct qcow2 *s);
+/*
+ * Step 7: apply the durable frees (in memory, and punch freed clusters)
+ * once no read that began before their L2 change is still in flight; the
+ * rest wait for a later flush (a crash meanwhile only leaks them).  Sets
+ * *applied when it changed refcounts.
+ */
+int qcow2_rc_apply_frees(struct qcow2 *s, bool *applied);
+/* Frees not applied yet, durable or not. */
+static inline bool qcow2_frees_pending(const struct qcow2_writer *w)
+{
+	return w->npfree || w->nheld;
+}
+
+/*
+ * Readers of the active disk's data (no lock needed): a read or a mapping
+ * of guest bytes, from the L2 lookup to the last use of the host bytes, is
+ * bracketed by these, so that a cluster it found is neither reused nor
+ * punched while it reads, even if a discard frees it meanwhile.  The
+ * tag from enter goes to exit.
+ */
+unsigned qcow2_reader_enter(struct qcow2_writer *w);
+void qcow2_reader_exit(struct qcow2_writer *w, unsigned tag);
 /* Drop clean refcount blocks when the cache is large. */
 void qcow2_rc_trim(struct qcow2 *s);
 

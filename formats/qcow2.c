@@ -555,8 +555,16 @@ static void qcow2_free(struct qcow2 *s)
 static int qcow2_dev_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 {
 	struct qcow2 *s = d->priv;
+	unsigned tag;
+	int r;
 
-	return qcow2_read(s, &s->l1, buf, len, off);
+	if (!s->w)
+		return qcow2_read(s, &s->l1, buf, len, off);
+	/* a discard may free what the L2 lookup found before it is read */
+	tag = qcow2_reader_enter(s->w);
+	r = qcow2_read(s, &s->l1, buf, len, off);
+	qcow2_reader_exit(s->w, tag);
+	return r;
 }
 
 static int qcow2_dev_status(struct bdev *d, uint64_t off, uint64_t len,
@@ -567,11 +575,25 @@ static int qcow2_dev_status(struct bdev *d, uint64_t off, uint64_t len,
 	return qcow2_status(s, &s->l1, off, len, run, status, depth);
 }
 
+static void qcow2_unpin(void *ctx, unsigned tag)
+{
+	qcow2_reader_exit(ctx, tag);
+}
+
 static int64_t qcow2_dev_map(struct bdev *d, uint64_t off, uint64_t len,
 			     struct bdev_extents *x)
 {
 	struct qcow2 *s = d->priv;
 
+	if (s->w) {
+		/* the caller reads the host bytes later: it holds a reader's
+		 * place until bdev_extents_release (only one per extents) */
+		if (x->unpin)
+			return 0;
+		x->pin_tag = qcow2_reader_enter(s->w);
+		x->pin_ctx = s->w;
+		x->unpin = qcow2_unpin;
+	}
 	return qcow2_map(s, &s->l1, off, len, x);
 }
 

@@ -491,16 +491,17 @@ static bool reply_spliced(fuse_req_t req, struct view *v, size_t size, uint64_t 
 {
 	static char zeroes[FS_SPLICE_MAX_READ]; /* in .bss: never written */
 	struct bdev_extent ext[FS_SPLICE_EXTENTS];
-	struct bdev_extents x = { ext, FS_SPLICE_EXTENTS, 0 };
+	struct bdev_extents x = { .ext = ext, .max = FS_SPLICE_EXTENTS };
 	struct fuse_bufvec *bv;
 
-	if (!FS(req)->splice || size < 2 * 4096 || size > FS_SPLICE_MAX_READ ||
-	    bdev_map(v->dev, off, size, &x) != (int64_t)size)
+	if (!FS(req)->splice || size < 2 * 4096 || size > FS_SPLICE_MAX_READ)
 		return false;
 	/* buf[] is a trailing array: allocated, not declared, past buf[0] */
-	bv = malloc(sizeof(*bv) + (x.n - 1) * sizeof(bv->buf[0]));
-	if (!bv)
+	if (bdev_map(v->dev, off, size, &x) != (int64_t)size ||
+	    !(bv = malloc(sizeof(*bv) + (x.n - 1) * sizeof(bv->buf[0])))) {
+		bdev_extents_release(&x);
 		return false;
+	}
 	*bv = FUSE_BUFVEC_INIT(size);
 	bv->count = x.n;
 	for (unsigned i = 0; i < x.n; i++) {
@@ -516,6 +517,7 @@ static bool reply_spliced(fuse_req_t req, struct view *v, size_t size, uint64_t 
 		}
 	}
 	fuse_reply_data(req, bv, 0);
+	bdev_extents_release(&x); /* the bytes are in the reply now */
 	free(bv);
 	return true;
 }

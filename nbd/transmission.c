@@ -183,11 +183,15 @@ static int send_mapped(struct nbd_conn *c, struct iovec *hdr, int nhdr,
 		       uint64_t off, uint32_t len)
 {
 	struct bdev_extent ext[SEND_EXTENTS];
-	struct bdev_extents x = { ext, SEND_EXTENTS, 0 };
+	struct bdev_extents x = { .ext = ext, .max = SEND_EXTENTS };
 	int r;
 
-	if (len < SENDFILE_MIN || bdev_map(dev(c), off, len, &x) != (int64_t)len)
+	if (len < SENDFILE_MIN)
 		return 0;
+	if (bdev_map(dev(c), off, len, &x) != (int64_t)len) {
+		bdev_extents_release(&x);
+		return 0;
+	}
 	/* sendfile reads the disk under send_lock: start those reads now, so
 	 * that the workers' cold reads still go to the disk side by side */
 	for (unsigned i = 0; i < x.n; i++)
@@ -200,6 +204,8 @@ static int send_mapped(struct nbd_conn *c, struct iovec *hdr, int nhdr,
 		r = ext[i].fd < 0 ? send_zeroes(c, ext[i].len, i + 1 < x.n)
 				  : nbd_conn_sendfile(c, ext[i].fd, ext[i].pos, ext[i].len);
 	pthread_mutex_unlock(&c->send_lock);
+	/* a client that stops reading holds this: freed clusters wait, writes do not */
+	bdev_extents_release(&x);
 	if (r < 0)
 		shutdown(c->fd, SHUT_RDWR); /* unblock the reader: the peer is gone */
 	return r < 0 ? r : 1;

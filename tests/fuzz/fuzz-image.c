@@ -148,12 +148,14 @@ static int write_image(const uint8_t *data, size_t size)
 static void check_map(struct bdev *d, uint64_t off, size_t n)
 {
 	struct bdev_extent ext[16];
-	struct bdev_extents x = { ext, 16, 0 };
+	struct bdev_extents x = { .ext = ext, .max = 16 };
 	int64_t m = bdev_map(d, off, n, &x);
 	uint64_t got = 0;
 
-	if (m < 0)
+	if (m < 0) {
+		bdev_extents_release(&x);
 		return; /* an error is fine; a wrong mapping is not */
+	}
 	if ((uint64_t)m > n)
 		goto bad;
 	for (unsigned i = 0; i < x.n; i++) {
@@ -170,8 +172,10 @@ static void check_map(struct bdev *d, uint64_t off, size_t n)
 		}
 		got += ext[i].len;
 	}
-	if (got == (uint64_t)m)
+	if (got == (uint64_t)m) {
+		bdev_extents_release(&x);
 		return;
+	}
 bad:
 	fprintf(stderr, "%s: bdev_map at %llu+%zu says %lld bytes in %u extents, not what pread read\n",
 		d->kind, (unsigned long long)off, n, (long long)m, x.n);

@@ -430,6 +430,105 @@ static void test_zero_keeps_backing_hidden(void)
 	g_free(img);
 }
 
+/* ---- freed clusters and readers in flight ------------------------------------ */
+
+/* The host offset guest cluster off maps to (one whole cluster). */
+static uint64_t host_of(struct bdev *d, uint64_t off)
+{
+	struct bdev_extent ext[4];
+	struct bdev_extents x = { .ext = ext, .max = G_N_ELEMENTS(ext) };
+	uint64_t pos;
+
+	g_assert_cmpint(bdev_map(d, off, 65536, &x), ==, 65536);
+	g_assert_cmpuint(x.n, ==, 1);
+	g_assert_cmpint(ext[0].fd, >=, 0);
+	pos = ext[0].pos;
+	bdev_extents_release(&x);
+	return pos;
+}
+
+/*
+ * A mapping is used after bdev_map returns (FUSE splice, NBD sendfile).
+ * If the range is discarded and flushed meanwhile, the freed host cluster
+ * must not be punched out or given to another guest cluster before the
+ * mapping is released: the reader would send zeroes, or another part of the
+ * disk.  Writes and flushes must not wait for the reader either.
+ */
+static void test_map_pins_freed_cluster(void)
+{
+	char *img = tpath("pin.qcow2");
+	uint8_t a[65536], b[65536], got[65536], zero[65536] = { 0 };
+	struct bdev_extent ext[4];
+	struct bdev_extents x = { .ext = ext, .max = G_N_ELEMENTS(ext) };
+	struct bdev *d;
+	uint64_t h, h2;
+
+	if (!have_qemu())
+		return;
+	memset(a, 0xa1, sizeof(a));
+	memset(b, 0xb2, sizeof(b));
+	sh("qemu-img create -q -f qcow2 %s 64M", img);
+	d = open_rw(img);
+	g_assert_cmpint(bdev_pwrite(d, a, sizeof(a), 0, 0), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	h = host_of(d, 0);
+
+	/* the reader maps guest cluster 0 ... */
+	g_assert_cmpint(bdev_map(d, 0, sizeof(a), &x), ==, (int64_t)sizeof(a));
+	g_assert_cmpuint(x.n, ==, 1);
+	g_assert_cmphex(ext[0].pos, ==, h);
+	/* ... a discard frees its host cluster, a write allocates; reads
+	 * through the device in between leave nothing pinned */
+	g_assert_cmpint(bdev_discard(d, 0, sizeof(a)), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	g_assert_cmpint(bdev_pread(d, got, sizeof(got), 0), ==, 0);
+	g_assert_cmpmem(got, sizeof(got), zero, sizeof(zero));
+	g_assert_cmpint(bdev_pwrite(d, b, sizeof(b), 1 << 20, 0), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	h2 = host_of(d, 1 << 20);
+	g_assert_cmphex(h2, !=, h);
+	/* ... and still reads what guest cluster 0 held when it mapped it */
+	g_assert_cmpint(pread(ext[0].fd, got, sizeof(got), (off_t)ext[0].pos), ==, (ssize_t)sizeof(got));
+	g_assert_cmpmem(got, sizeof(got), a, sizeof(a));
+	bdev_extents_release(&x);
+
+	/* released: the next flush frees it, and the allocator finds it */
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	g_assert_cmpint(bdev_pwrite(d, b, sizeof(b), 2 << 20, 0), ==, 0);
+	g_assert_cmphex(host_of(d, 2 << 20), ==, h);
+	g_assert_cmpint(bdev_pread(d, got, sizeof(got), 2 << 20), ==, 0);
+	g_assert_cmpmem(got, sizeof(got), b, sizeof(b));
+	bdev_close(d);
+	assert_clean(img);
+	sh("qemu-io -c 'read -P 0 0 64k' -c 'read -P 0xb2 1M 64k' -c 'read -P 0xb2 2M 64k' %s >/dev/null",
+	   img);
+	g_free(img);
+}
+
+/* A free still held for a reader at close is applied then: no leak. */
+static void test_held_free_at_close(void)
+{
+	char *img = tpath("pinclose.qcow2");
+	uint8_t a[65536];
+	struct bdev_extent ext[4];
+	struct bdev_extents x = { .ext = ext, .max = G_N_ELEMENTS(ext) };
+	struct bdev *d;
+
+	if (!have_qemu())
+		return;
+	memset(a, 0x5c, sizeof(a));
+	sh("qemu-img create -q -f qcow2 %s 64M", img);
+	d = open_rw(img);
+	g_assert_cmpint(bdev_pwrite(d, a, sizeof(a), 0, 0), ==, 0);
+	g_assert_cmpint(bdev_map(d, 0, sizeof(a), &x), ==, (int64_t)sizeof(a));
+	g_assert_cmpint(bdev_discard(d, 0, sizeof(a)), ==, 0);
+	g_assert_cmpint(bdev_flush(d), ==, 0);
+	bdev_extents_release(&x);
+	bdev_close(d);
+	assert_clean(img); /* a leaked cluster fails it (status 3) */
+	g_free(img);
+}
+
 /* ---- dirty images -------------------------------------------------------------- */
 
 static void test_dirty_repair(void)
@@ -477,6 +576,8 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
 	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
 	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
+	g_test_add_func("/qcow2-write/discard/map-pins-freed-cluster", test_map_pins_freed_cluster);
+	g_test_add_func("/qcow2-write/discard/held-free-at-close", test_held_free_at_close);
 	g_test_add_func("/qcow2-write/dirty/repair", test_dirty_repair);
 	r = g_test_run();
 	shs(NULL, "rm -rf %s", tmpdir);

@@ -73,7 +73,7 @@ static uint64_t check_map(struct bdev *dev, size_t chunk, const uint8_t *ref)
 
 	for (uint64_t off = 0; off < dev->size; off += chunk) {
 		struct bdev_extent ext[16];
-		struct bdev_extents x = { ext, G_N_ELEMENTS(ext), 0 };
+		struct bdev_extents x = { .ext = ext, .max = G_N_ELEMENTS(ext) };
 		uint64_t n = MIN(chunk, dev->size - off), got = 0;
 		int64_t m = bdev_map(dev, off, n, &x);
 
@@ -88,6 +88,7 @@ static uint64_t check_map(struct bdev *dev, size_t chunk, const uint8_t *ref)
 			got += ext[i].len;
 		}
 		g_assert_cmpuint(got, ==, (uint64_t)m);
+		bdev_extents_release(&x);
 		if (memcmp(buf, ref + off, got))
 			g_error("bdev_map: wrong bytes in [%" G_GUINT64_FORMAT ", +%" G_GUINT64_FORMAT ")",
 				off, got);
