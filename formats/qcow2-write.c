@@ -417,11 +417,46 @@ static bool host_contiguous(const struct qcow2 *s, const struct piece *p, const 
 }
 
 /*
+ * A large request whose run starts or ends in a new cluster, so that bytes
+ * around it must be copied in (the kernel cuts a 1 MiB write from a buffer
+ * that is not page-aligned into 1 MiB - 16 bytes and 16 bytes: each first
+ * part ends 16 bytes short of a cluster): the copy-on-write bytes [g0, from)
+ * and [to, g1) are written on their own and the request's bytes straight
+ * from src at host (where g0 goes), instead of copying a whole run into a
+ * buffer for a few bytes around it, as qemu writes its COW regions beside
+ * the guest's data.
+ */
+#define SPLIT_RUN_MIN (128u << 10)
+
+static int write_around(struct qcow2 *s, const uint8_t *src, uint64_t host,
+			uint64_t g0, uint64_t from, uint64_t to, uint64_t g1)
+{
+	uint8_t *cow = xmalloc(MAX(from - g0, g1 - to));
+	int r = 0;
+
+	if (from > g0) {
+		r = qcow2_read(s, &s->l1, cow, from - g0, g0);
+		if (r == 0)
+			r = bdev_pwrite(s->data, cow, from - g0, host, 0);
+	}
+	if (r == 0)
+		r = bdev_pwrite(s->data, src, to - from, host + (from - g0), 0);
+	if (r == 0 && g1 > to) {
+		r = qcow2_read(s, &s->l1, cow, g1 - to, to);
+		if (r == 0)
+			r = bdev_pwrite(s->data, cow, g1 - to, host + (to - g0), 0);
+	}
+	free(cow);
+	return r;
+}
+
+/*
  * Write the pieces p[0..n), host-contiguous, with one pwrite.  The request
  * is [off, end) with its bytes at src (NULL: zeroes).  Straight from src
  * when the run is all request bytes; else through a buffer that gets the
  * copy-on-write bytes from the read path at the guest offset (old data,
- * backing file, zeroes or the decompressed cluster).  No lock held.
+ * backing file, zeroes or the decompressed cluster), or, for a large
+ * request, by write_around.  No lock held.
  */
 static int write_run(struct qcow2 *s, const struct piece *p, size_t n,
 		     const uint8_t *src, uint64_t off, uint64_t end)
@@ -434,6 +469,10 @@ static int write_run(struct qcow2 *s, const struct piece *p, size_t n,
 
 	if (src && g0 >= off && g1 <= end)
 		return bdev_pwrite(s->data, src + (g0 - off), g1 - g0, host, 0);
+	from = MAX(g0, off);
+	to = MIN(g1, end);
+	if (src && to - from >= SPLIT_RUN_MIN)
+		return write_around(s, src + (from - off), host, g0, from, to, g1);
 	buf = xmalloc(g1 - g0);
 	/* only the request's first and last cluster can need it */
 	for (size_t k = 0; k < n && r == 0; k++) {
@@ -446,8 +485,6 @@ static int write_run(struct qcow2 *s, const struct piece *p, size_t n,
 			r = qcow2_read(s, &s->l1, buf + (guest + p[k].b - g0), p[k].hi - p[k].b,
 				       guest + p[k].b);
 	}
-	from = MAX(g0, off);
-	to = MIN(g1, end);
 	if (src)
 		memcpy(buf + (from - g0), src + (from - off), to - from);
 	else
