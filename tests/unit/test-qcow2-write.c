@@ -364,6 +364,58 @@ static void test_cow_backing(void)
 	g_free(img);
 }
 
+/*
+ * Large writes whose ends fall inside new clusters (the kernel's 1 MiB -
+ * 16 bytes): the bytes around them come from the backing file, the
+ * request's bytes go straight to the host; unaligned at both ends, over
+ * several clusters, and a large write inside one 2 MiB cluster.
+ */
+static void test_cow_large_unaligned(void)
+{
+	static const struct { const char *opts; uint64_t off, len; } cases[] = {
+		{ "cluster_size=65536", 16, (1 << 20) - 16 },
+		{ "cluster_size=65536", 65536 + 4097, (1 << 20) + 3 },
+		{ "cluster_size=65536", 3 * 65536, (1 << 20) - 16 },
+		{ "cluster_size=2097152", 1000, (512 << 10) },
+		{ "cluster_size=65536,extended_l2=on", 2048 + 7, (256 << 10) },
+	};
+
+	if (!have_qemu())
+		return;
+	for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+		char *back = tpath("lback.raw"), *img = tpath("lcow.qcow2");
+		uint64_t size = 4 << 20;
+		uint8_t *want = g_malloc(size), *got = g_malloc(size);
+		gsize got_len;
+		struct bdev *d;
+		char *out;
+
+		sh("truncate -s 4M %s && qemu-io -f raw -c 'write -P 0x5a 0 4M' %s >/dev/null", back, back);
+		sh("qemu-img create -q -f qcow2 -o %s -b %s -F raw %s 4M", cases[i].opts, back, img);
+		memset(want, 0x5a, size);
+		for (uint64_t k = 0; k < cases[i].len; k++)
+			want[cases[i].off + k] = (uint8_t)(k * 7 + 1);
+		d = open_rw(img);
+		g_assert_cmpint(bdev_pwrite(d, want + cases[i].off, cases[i].len, cases[i].off, 0), ==, 0);
+		g_assert_cmpint(bdev_pread(d, got, size, 0), ==, 0);
+		g_assert_true(memcmp(got, want, size) == 0);
+		bdev_close(d);
+		assert_clean(img);
+		/* and qemu reads the same bytes */
+		out = g_strdup_printf("%s.out", img);
+		sh("qemu-img convert -f qcow2 -O raw %s %s", img, out);
+		g_free(got);
+		g_assert_true(g_file_get_contents(out, (gchar **)&got, &got_len, NULL));
+		g_assert_cmpuint(got_len, ==, size);
+		g_assert_true(memcmp(got, want, size) == 0);
+		g_free(got);
+		g_free(want);
+		g_free(out);
+		g_free(back);
+		g_free(img);
+	}
+}
+
 static void test_cow_snapshot(void)
 {
 	char *img = tpath("snap.qcow2");
@@ -574,6 +626,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2-write/alloc/new-l2-not-read-back", test_new_l2_not_read_back);
 	g_test_add_func("/qcow2-write/merge/every-kind-of-cluster", test_merged_writes);
 	g_test_add_func("/qcow2-write/cow/backing", test_cow_backing);
+	g_test_add_func("/qcow2-write/cow/large-unaligned", test_cow_large_unaligned);
 	g_test_add_func("/qcow2-write/cow/snapshot", test_cow_snapshot);
 	g_test_add_func("/qcow2-write/zero/backing-hidden", test_zero_keeps_backing_hidden);
 	g_test_add_func("/qcow2-write/discard/map-pins-freed-cluster", test_map_pins_freed_cluster);
