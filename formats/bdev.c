@@ -38,6 +38,16 @@ int bdev_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return d->ops->pread(d, buf, len, off);
 }
 
+int bdev_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	if (!d->ops->pread_nowait ||
+	    (d->growable ? range_exceeds(off, len, INT64_MAX) : range_bad(d, off, len)))
+		return -EAGAIN;
+	if (!len)
+		return 0;
+	return d->ops->pread_nowait(d, buf, len, off) < 0 ? -EAGAIN : 0;
+}
+
 int bdev_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 		unsigned flags)
 {

@@ -66,6 +66,9 @@ int64_t bdev_extents_pad(struct bdev_extents *x, int64_t m, uint64_t n, uint64_t
 
 struct bdev_ops {
 	int (*pread)(struct bdev *, void *buf, size_t len, uint64_t off);
+	/* As pread, from memory only (page cache, the device's own caches):
+	 * -EAGAIN where it would wait for the disk; optional. */
+	int (*pread_nowait)(struct bdev *, void *buf, size_t len, uint64_t off);
 	int (*pwrite)(struct bdev *, const void *buf, size_t len, uint64_t off,
 		      unsigned flags);
 	int (*zero)(struct bdev *, uint64_t off, uint64_t len, unsigned flags);
@@ -97,6 +100,13 @@ struct bdev {
 };
 
 int bdev_pread(struct bdev *, void *buf, size_t len, uint64_t off);
+/*
+ * bdev_pread if it needs no disk I/O, for a caller that would rather hand a
+ * read that blocks to another thread: -EAGAIN if it would (also for a
+ * device without the op, and where the read would fail: bdev_pread then
+ * says why).  buf is undefined after an error.
+ */
+int bdev_pread_nowait(struct bdev *, void *buf, size_t len, uint64_t off);
 int bdev_pwrite(struct bdev *, const void *buf, size_t len, uint64_t off,
 		unsigned flags);
 /* Zero a range; falls back to writing zero buffers unless BDEV_FAST_ZERO. */

@@ -11,12 +11,14 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 struct file_dev {
 	int fd;
 	char *path;
 	bool is_blk;
+	bool no_nowait;     /* the file system refused RWF_NOWAIT once */
 };
 
 static struct file_dev *F(struct bdev *d) { return d->priv; }
@@ -34,6 +36,33 @@ static int file_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 			if (errno == EINTR)
 				continue;
 			return -errno;
+		}
+		if (n == 0) {
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* From the page cache only (RWF_NOWAIT): -EAGAIN for any byte not there. */
+static int file_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	char *p = buf;
+
+	if (F(d)->no_nowait)
+		return -EAGAIN;
+	while (len) {
+		struct iovec iov = { p, len };
+		ssize_t n = preadv2(F(d)->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+
+		if (n < 0) {
+			if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)
+				F(d)->no_nowait = true;
+			return -EAGAIN;
 		}
 		if (n == 0) {
 			memset(p, 0, len);
@@ -192,6 +221,7 @@ static void file_close(struct bdev *d)
 
 static const struct bdev_ops file_ops = {
 	.pread = file_pread,
+	.pread_nowait = file_pread_nowait,
 	.pwrite = file_pwrite,
 	.zero = file_zero,
 	.discard = file_discard,

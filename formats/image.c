@@ -38,6 +38,11 @@ static int disk_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return bdev_pread(IMG(d)->top, buf, len, off);
 }
 
+static int disk_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return bdev_pread_nowait(IMG(d)->top, buf, len, off);
+}
+
 static int disk_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 		       unsigned flags)
 {
@@ -105,6 +110,7 @@ static int disk_resize(struct bdev *d, uint64_t size)
 
 static const struct bdev_ops disk_ops = {
 	.pread = disk_pread,
+	.pread_nowait = disk_pread_nowait,
 	.pwrite = disk_pwrite,
 	.zero = disk_zero,
 	.discard = disk_discard,

@@ -132,9 +132,10 @@ int qcow2_l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t idx,
 	return 0;
 }
 
-/* The run starting at guest offset off, at most len bytes (len > 0). */
-static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
-		   uint64_t len, struct run *run)
+/* The run starting at guest offset off, at most len bytes (len > 0);
+ * nowait: -EAGAIN if its L2 slice is not in the cache. */
+static int map_run_from(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
+			uint64_t len, struct run *run, bool nowait)
 {
 	uint8_t ents[MAX_RUN_ENTRIES * 16];
 	uint64_t l2_off, cl = off >> s->cluster_bits;
@@ -159,9 +160,10 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 	n = ((end - 1) >> s->cluster_bits) - cl + 1;
 	n = MIN(n, MIN(per_slice - in_slice, MAX_RUN_ENTRIES));
 	end = MIN(end, (cl + n) << s->cluster_bits);
-	r = qcow2_cache_read(s->l2_cache, l2_off + (l2_idx - in_slice) * s->l2_entry_size,
-			     (uint32_t)(in_slice * s->l2_entry_size), ents,
-			     (uint32_t)(n * s->l2_entry_size));
+	r = (nowait ? qcow2_cache_peek : qcow2_cache_read)(s->l2_cache,
+			l2_off + (l2_idx - in_slice) * s->l2_entry_size,
+			(uint32_t)(in_slice * s->l2_entry_size), ents,
+			(uint32_t)(n * s->l2_entry_size));
 	if (r < 0)
 		return r;
 
@@ -211,15 +213,22 @@ static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 	return 0;
 }
 
+static int map_run(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
+		   uint64_t len, struct run *run)
+{
+	return map_run_from(s, l1, off, len, run, false);
+}
+
 /* Unallocated: the backing file where it has bytes, zeroes past its end. */
-static int read_backing(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t off)
+static int read_backing(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t off,
+			bool nowait)
 {
 	uint64_t bsize = s->backing ? s->backing->size : 0;
 	uint64_t n = off < bsize ? MIN(len, bsize - off) : 0;
 	int r;
 
 	if (n) {
-		r = bdev_pread(s->backing, p, n, off);
+		r = (nowait ? bdev_pread_nowait : bdev_pread)(s->backing, p, n, off);
 		if (r < 0)
 			return r;
 	}
@@ -228,7 +237,7 @@ static int read_backing(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t off)
 }
 
 static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
-		     uint64_t guest, uint64_t where)
+		     uint64_t guest, uint64_t where, bool nowait)
 {
 	uint64_t fsize = qcow2_file_size(s->data);
 	uint64_t n;
@@ -242,7 +251,7 @@ static int read_host(struct qcow2 *s, uint8_t *p, uint64_t len, uint64_t host,
 				    ", past the end of the file (%" PRIu64 " bytes)", guest, host, fsize);
 	n = host < fsize ? MIN(len, fsize - host) : 0;
 	if (n) {
-		r = bdev_pread(s->data, p, n, host);
+		r = (nowait ? bdev_pread_nowait : bdev_pread)(s->data, p, n, host);
 		if (r < 0)
 			return r;
 	}
@@ -275,8 +284,8 @@ static int read_compressed(struct qcow2 *s, uint64_t entry, uint8_t *cbuf, uint6
 	return r;
 }
 
-int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
-	       size_t len, uint64_t off)
+static int read_from(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
+		     size_t len, uint64_t off, bool nowait)
 {
 	uint8_t *p = buf, *cbuf = NULL;
 	int r = 0;
@@ -284,7 +293,7 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	while (len) {
 		struct run run;
 
-		r = map_run(s, l1, off, len, &run);
+		r = map_run_from(s, l1, off, len, &run, nowait);
 		if (r < 0)
 			break;
 		switch (run.type) {
@@ -292,12 +301,19 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 			memset(p, 0, run.len);
 			break;
 		case QC_UNALLOC:
-			r = read_backing(s, p, run.len, off);
+			r = read_backing(s, p, run.len, off, nowait);
 			break;
 		case QC_NORMAL:
-			r = read_host(s, p, run.len, run.host, off, run.where);
+			r = read_host(s, p, run.len, run.host, off, run.where, nowait);
 			break;
 		case QC_COMPRESSED:
+			if (nowait) {
+				/* decompressing is work for a thread that may wait */
+				if (!qcow2_zcache_get(s->zcache, run.entry, p,
+						      off & (s->cluster_size - 1), run.len))
+					r = -EAGAIN;
+				break;
+			}
 			/* a whole cluster: decompress straight into the caller's
 			 * buffer; nobody will ask for parts of it next */
 			if (run.len == s->cluster_size) {
@@ -329,6 +345,18 @@ int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	}
 	free(cbuf);
 	return r;
+}
+
+int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
+	       size_t len, uint64_t off)
+{
+	return read_from(s, l1, buf, len, off, false);
+}
+
+int qcow2_read_nowait(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
+		      size_t len, uint64_t off)
+{
+	return read_from(s, l1, buf, len, off, true);
 }
 
 /* The backing file's bytes where it has them, zeroes past its end. */

@@ -209,6 +209,11 @@ int qcow2_l1_lookup(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t idx,
 /* qcow2-cluster.c: the read path, over any L1 (active or snapshot) */
 int qcow2_read(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
 	       size_t len, uint64_t off);
+/* As qcow2_read with no disk I/O (bdev_pread_nowait): -EAGAIN if it would
+ * need an L2 slice not in the cache, host bytes not in the page cache, or
+ * a compressed cluster not decompressed already. */
+int qcow2_read_nowait(struct qcow2 *s, const struct qcow2_l1 *l1, void *buf,
+		      size_t len, uint64_t off);
 /* bdev_map for the disk that l1 describes. */
 int64_t qcow2_map(struct qcow2 *s, const struct qcow2_l1 *l1, uint64_t off,
 		  uint64_t len, struct bdev_extents *x);
@@ -222,6 +227,9 @@ void qcow2_cache_free(struct qcow2_cache *c);
 /* Copy n bytes at in_off within the slice at host offset slice_off (aligned
  * to slice_size, already checked to lie inside the file). */
 int qcow2_cache_read(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
+		     void *dst, uint32_t n);
+/* The same, from the cache only: -EAGAIN if the slice is not there. */
+int qcow2_cache_peek(struct qcow2_cache *c, uint64_t slice_off, uint32_t in_off,
 		     void *dst, uint32_t n);
 /* Hooks for the write path: update bytes of a cached slice (loading it if
  * needed: not for a write of the whole slice) and mark it dirty; write

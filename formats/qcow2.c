@@ -567,6 +567,20 @@ static int qcow2_dev_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return r;
 }
 
+static int qcow2_dev_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	struct qcow2 *s = d->priv;
+	unsigned tag;
+	int r;
+
+	if (!s->w)
+		return qcow2_read_nowait(s, &s->l1, buf, len, off);
+	tag = qcow2_reader_enter(s->w);
+	r = qcow2_read_nowait(s, &s->l1, buf, len, off);
+	qcow2_reader_exit(s->w, tag);
+	return r;
+}
+
 static int qcow2_dev_status(struct bdev *d, uint64_t off, uint64_t len,
 			    uint64_t *run, unsigned *status, unsigned *depth)
 {
@@ -606,6 +620,7 @@ static void qcow2_dev_close(struct bdev *d)
  * wrappers refuse them on a read-only device. */
 static const struct bdev_ops qcow2_ops = {
 	.pread = qcow2_dev_pread,
+	.pread_nowait = qcow2_dev_pread_nowait,
 	.pwrite = qcow2_dev_pwrite,
 	.zero = qcow2_dev_zero,
 	.discard = qcow2_dev_discard,

@@ -22,6 +22,11 @@ static int raw_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return bdev_pread(R(d)->file, buf, len, off);
 }
 
+static int raw_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return bdev_pread_nowait(R(d)->file, buf, len, off);
+}
+
 #define PROBE_BYTES 512
 
 /* Would sector 0, after this write, look like another image format? */
@@ -88,6 +93,7 @@ static void raw_close(struct bdev *d)
 
 static const struct bdev_ops raw_ops = {
 	.pread = raw_pread,
+	.pread_nowait = raw_pread_nowait,
 	.pwrite = raw_pwrite,
 	.zero = raw_zero,
 	.discard = raw_discard,

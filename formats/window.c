@@ -20,6 +20,11 @@ static int win_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return bdev_pread(W(d)->base, buf, len, W(d)->off + off);
 }
 
+static int win_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return bdev_pread_nowait(W(d)->base, buf, len, W(d)->off + off);
+}
+
 static int win_pwrite(struct bdev *d, const void *buf, size_t len, uint64_t off,
 		      unsigned flags)
 {
@@ -59,6 +64,7 @@ static void win_close(struct bdev *d)
 
 static const struct bdev_ops window_ops = {
 	.pread = win_pread,
+	.pread_nowait = win_pread_nowait,
 	.pwrite = win_pwrite,
 	.zero = win_zero,
 	.discard = win_discard,

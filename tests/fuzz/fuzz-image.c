@@ -182,6 +182,17 @@ bad:
 	abort();
 }
 
+/* bdev_pread_nowait of a range that read as buf[0, n): -EAGAIN, or the
+ * same bytes (right after the read, most of it is in memory). */
+static void check_nowait(struct bdev *d, uint64_t off, size_t n)
+{
+	if (bdev_pread_nowait(d, map_buf, n, off) == 0 && memcmp(map_buf, buf, n)) {
+		fprintf(stderr, "%s: bdev_pread_nowait at %llu+%zu reads other bytes than bdev_pread\n",
+			d->kind, (unsigned long long)off, n);
+		abort();
+	}
+}
+
 /* Read [off, off+len) in pieces of step bytes (step <= CHUNK), checking
  * ZERO runs read as zeroes and that bdev_map names the bytes read; *budget
  * bounds the bytes read. */
@@ -198,6 +209,7 @@ static void read_range(struct bdev *d, uint64_t off, uint64_t len, size_t step,
 				abort();
 			}
 			check_map(d, off, n);
+			check_nowait(d, off, n);
 		}
 		off += n;
 		len -= n;

@@ -1403,6 +1403,57 @@ static void test_threads_small_cache(void)
 }
 
 /* Opening is O(header + L1): a 1 TiB image with data at both ends. */
+/*
+ * bdev_pread_nowait: what needs the disk (an L2 slice not cached, a
+ * compressed cluster not decompressed yet) is -EAGAIN, what is in memory
+ * reads exactly as bdev_pread does.
+ */
+static void expect_bytes(const uint8_t *buf, size_t n, uint8_t v)
+{
+	for (size_t i = 0; i < n; i++)
+		if (buf[i] != v)
+			g_error("byte %zu is 0x%02x, not 0x%02x", i, buf[i], v);
+}
+
+static void test_read_nowait(void)
+{
+	char *img;
+	struct bdev *dev;
+	uint8_t buf[8192];
+
+	if (!have_qemu())
+		return;
+	img = tpath("nowait.qcow2");
+	sh("qemu-img create -q -f qcow2 '%s' 1G", img);
+	sh("qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -c -P 0x22 2M 64k' "
+	   "-c 'write -P 0x33 600M 64k' '%s' >/dev/null", img);
+	dev = must_open(img, NULL);
+	/* nothing cached yet: the L2 table must be read */
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, 0), ==, -EAGAIN);
+	g_assert_cmpint(bdev_pread(dev, buf, 4096, 0), ==, 0);
+	/* the slice is cached now; the data is in the host's page cache
+	 * (qemu-io just wrote it, bdev_pread just read it) */
+	memset(buf, 0xee, sizeof(buf));
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, 0), ==, 0);
+	expect_bytes(buf, 4096, 0x11);
+	/* unallocated, under the same L2 table: zeroes from memory */
+	memset(buf, 0xee, sizeof(buf));
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, sizeof(buf), 8 << 20), ==, 0);
+	expect_bytes(buf, sizeof(buf), 0);
+	/* a compressed cluster: not until it has been decompressed once */
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, 2 << 20), ==, -EAGAIN);
+	g_assert_cmpint(bdev_pread(dev, buf, 4096, 2 << 20), ==, 0);
+	memset(buf, 0xee, sizeof(buf));
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, (2 << 20) + 4096), ==, 0);
+	expect_bytes(buf, 4096, 0x22);
+	/* another L2 table (512 MiB per table with 64 KiB clusters) */
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, 600 << 20), ==, -EAGAIN);
+	/* out of range is -EAGAIN too: bdev_pread says why */
+	g_assert_cmpint(bdev_pread_nowait(dev, buf, 4096, dev->size), ==, -EAGAIN);
+	bdev_close(dev);
+	g_free(img);
+}
+
 static void test_big_image(void)
 {
 	char *img;
@@ -1470,6 +1521,7 @@ int main(int argc, char **argv)
 	g_test_add_func("/qcow2/damage/fuzz-metadata", test_fuzz_metadata);
 	g_test_add_func("/qcow2/threads/small-cache", test_threads_small_cache);
 	g_test_add_func("/qcow2/open/1tib", test_big_image);
+	g_test_add_func("/qcow2/read/nowait", test_read_nowait);
 
 	r = g_test_run();
 	{
