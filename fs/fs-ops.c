@@ -889,6 +889,10 @@ static gpointer deferred_main(gpointer opaque)
 		reply(d->req, d->err, d->written, d->write);
 		free(d);
 	}
+	g_mutex_lock(&fs->deferred_lock);
+	fs->deferred_done = true;
+	g_cond_broadcast(&fs->deferred_cond);
+	g_mutex_unlock(&fs->deferred_lock);
 	return NULL;
 }
 
@@ -898,6 +902,9 @@ void fs_start_deferred(struct fs *fs)
 
 	if (fs->single_thread)
 		return;
+	g_mutex_init(&fs->deferred_lock);
+	g_cond_init(&fs->deferred_cond);
+	fs->deferred_done = false;
 	fs->deferred = g_async_queue_new();
 	fs->deferred_thread = g_thread_try_new("imgfs-inval", deferred_main, fs, &err);
 	if (!fs->deferred_thread) {
@@ -906,19 +913,48 @@ void fs_start_deferred(struct fs *fs)
 		g_error_free(err);
 		g_async_queue_unref(fs->deferred);
 		fs->deferred = NULL;
+		g_cond_clear(&fs->deferred_cond);
+		g_mutex_clear(&fs->deferred_lock);
 	}
 }
 
-void fs_stop_deferred(struct fs *fs)
+/*
+ * After SIGTERM, libfuse ends its workers once their current request is
+ * done, and requests still queued in the kernel stay unanswered.  A buffered
+ * read among them holds its pages locked, and a write's invalidation of
+ * those pages then waits for ever: the caller bounds the wait, aborts the
+ * connection (which ends those reads with an error), and joins.
+ */
+bool fs_stop_deferred(struct fs *fs, unsigned timeout_ms)
+{
+	gint64 until = g_get_monotonic_time() + (gint64)timeout_ms * G_TIME_SPAN_MILLISECOND;
+	bool done;
+
+	if (!fs->deferred)
+		return true;
+	/* the FUSE workers have ended: nothing is pushed after the marker */
+	g_async_queue_push(fs->deferred, deferred_stop_marker);
+	g_mutex_lock(&fs->deferred_lock);
+	while (!fs->deferred_done)
+		if (!g_cond_wait_until(&fs->deferred_cond, &fs->deferred_lock, until))
+			break;
+	done = fs->deferred_done;
+	g_mutex_unlock(&fs->deferred_lock);
+	if (done)
+		fs_join_deferred(fs);
+	return done;
+}
+
+void fs_join_deferred(struct fs *fs)
 {
 	if (!fs->deferred)
 		return;
-	/* the FUSE workers have ended: nothing is pushed after the marker */
-	g_async_queue_push(fs->deferred, deferred_stop_marker);
 	g_thread_join(fs->deferred_thread);
 	g_async_queue_unref(fs->deferred);
 	fs->deferred = NULL;
 	fs->deferred_thread = NULL;
+	g_cond_clear(&fs->deferred_cond);
+	g_mutex_clear(&fs->deferred_lock);
 }
 
 /* Is view v a slice of disk that overlaps [off, off+len)? */

@@ -37,6 +37,9 @@ struct fs {
 	/* write replies deferred until other views' pages are dropped (fs-ops.c) */
 	GAsyncQueue *deferred;
 	GThread *deferred_thread;
+	GMutex deferred_lock;
+	GCond deferred_cond;
+	bool deferred_done;  /* the thread has answered everything queued */
 };
 
 /* Requests: max_write, and the readahead the daemon asks the kernel for. */
@@ -55,8 +58,11 @@ void fs_free_nodes(struct fs *fs);
 void fs_on_disk_write(void *opaque, uint64_t off, uint64_t len);
 /* The thread that invalidates for FUSE writes and then answers them: started
  * in the daemon (after the fork), stopped after the FUSE loop has ended and
- * before the session is destroyed. */
+ * before the session is destroyed.  Stop returns false if the thread has
+ * not ended within timeout_ms (an invalidation waits for a read that no
+ * worker will answer any more): abort the connection, then join it. */
 void fs_start_deferred(struct fs *fs);
-void fs_stop_deferred(struct fs *fs);
+bool fs_stop_deferred(struct fs *fs, unsigned timeout_ms);
+void fs_join_deferred(struct fs *fs);
 
 #endif

@@ -15,10 +15,13 @@
 #include "daemon.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -576,10 +579,100 @@ static int serve(struct cli *c, struct fs *fs)
 	return r;
 }
 
+/* How long shutdown waits for the write replies still queued (fs_stop_deferred). */
+#define DEFERRED_STOP_MS 5000
+
+/* Undo mountinfo's octal escapes (\040 for a space) in place. */
+static void unescape_mountinfo(char *s)
+{
+	char *o = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*o++ = (char)(((s[1] - '0') << 6) | ((s[2] - '0') << 3) | (s[3] - '0'));
+			s += 3;
+		} else {
+			*o++ = *s;
+		}
+	}
+	*o = 0;
+}
+
+/*
+ * End the FUSE connection of our mount, so that requests no worker will
+ * answer fail: through fusectl's abort file (the connection's number is
+ * the mount's minor, read from /proc/self/mountinfo: stat() on the mount
+ * could itself hang now), or, as root, a forced unmount, which aborts too.
+ */
+static void abort_connection(const char *mountpoint)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL, path[64];
+	size_t cap = 0;
+	unsigned minor = 0;
+	bool found = false;
+	int fd;
+
+	while (f && getline(&line, &cap, f) > 0) {
+		char *mp = NULL, *sep = strstr(line, " - fuse.");
+		unsigned maj, min;
+
+		if (sep && sscanf(line, "%*u %*u %u:%u %*s %ms", &maj, &min, &mp) == 3) {
+			unescape_mountinfo(mp);
+			if (strcmp(mp, mountpoint) == 0) {
+				minor = min; /* the last one: a mount over ours hides it */
+				found = true;
+			}
+		}
+		free(mp);
+	}
+	free(line);
+	if (f)
+		fclose(f);
+	if (found) {
+		snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor);
+		fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			bool ok = write(fd, "1", 1) == 1;
+
+			close(fd);
+			if (ok)
+				return;
+		}
+	}
+	if (umount2(mountpoint, MNT_FORCE) < 0 && errno != EBUSY)
+		log_warn("cannot abort the FUSE connection of %s (no fusectl, not root): %s",
+			 mountpoint, strerror(errno));
+}
+
+/*
+ * After an abort, libfuse's unmount sees the dead connection and leaves the
+ * mount in place (it takes that for "already unmounted"): detach it, so
+ * that no "Transport endpoint is not connected" stays behind.
+ */
+static void unmount_aborted(const char *mountpoint)
+{
+	pid_t pid;
+	int st;
+
+	if (umount2(mountpoint, MNT_DETACH) == 0 || errno == EINVAL)
+		return; /* EINVAL: not mounted any more */
+	pid = fork();
+	if (pid == 0) {
+		execlp("fusermount3", "fusermount3", "-u", "-z", "--", mountpoint, (char *)NULL);
+		_exit(127);
+	}
+	if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st))
+		log_warn("cannot unmount %s: unmount it with fusermount3 -u", mountpoint);
+}
+
 /* Wait until the mount answers (the child serves the stat), or the child dies. */
 static int parent_wait(pid_t child, const char *mountpoint, dev_t before)
 {
-	for (;;) {
+	/* every 1 ms for the first 200 ms (a mount usually answers within a
+	 * few), then every 10 ms */
+	for (unsigned i = 0;; i++) {
 		struct stat st;
 		int status;
 
@@ -587,7 +680,7 @@ static int parent_wait(pid_t child, const char *mountpoint, dev_t before)
 			return 0;
 		if (waitpid(child, &status, WNOHANG) == child)
 			return -1;
-		usleep(10000);
+		usleep(i < 200 ? 1000 : 10000);
 	}
 }
 
@@ -600,6 +693,7 @@ int main(int argc, char **argv)
 	struct image_opts o = { 0 };
 	struct err e = { 0 };
 	struct stat mst;
+	bool aborted;
 	struct view *v;
 	pid_t child;
 	int r, status = EXIT_OK;
@@ -788,11 +882,19 @@ int main(int argc, char **argv)
 	serve(&c, fs);
 	/* however the loop ended — unmount, SIGTERM, SIGINT — end the same way */
 	fuse_remove_signal_handlers(fs->se);
-	fs_stop_deferred(fs);
+	aborted = !fs_stop_deferred(fs, DEFERRED_STOP_MS);
+	if (aborted) {
+		log_warn("write replies wait for reads that no worker will answer any more: "
+			 "aborting the FUSE connection of %s", c.mountpoint);
+		abort_connection(c.mountpoint);
+		fs_join_deferred(fs);
+	}
 	if (fs->control)
 		nbd_control_stop(fs->control);
 	image_remove_observer(fs->img, fs->observer);
 	fuse_session_unmount(fs->se);
+	if (aborted)
+		unmount_aborted(c.mountpoint);
 	fuse_session_destroy(fs->se);
 	fs->se = NULL;
 	if (image_close(fs->img) < 0) {

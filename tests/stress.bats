@@ -15,7 +15,12 @@ setup() {
 	command -v fio >/dev/null || skip "fio is not installed"
 	mkdir mnt
 }
-teardown() { common_teardown; }
+teardown() {
+	exec 7<&- 2>/dev/null
+	[ -z "${_FROZEN:-}" ] || fsfreeze -u "$_FROZEN"
+	common_teardown
+	[ -z "${_HOST:-}" ] || umount "$_HOST" 2>/dev/null || umount -l "$_HOST"
+}
 
 # 64 MiB: MBR; p1 at 8 MiB (8 MiB); p2 at 16 MiB (32 MiB).
 # usage: make_image FORMAT (makes img.FORMAT)
@@ -121,4 +126,61 @@ stress() {
 	cmp -n $((8 * MiB)) -i $((8 * MiB)):0 mnt/disk mnt/p1
 	unmount_imgfs mnt
 	qemu-img check img.qcow2
+}
+
+@test "SIGTERM while a write's invalidation waits for a read no worker will answer: the daemon aborts its connection and ends" {
+	local d w r
+	command -v fsfreeze >/dev/null || skip "fsfreeze is not installed"
+	# the image on an ext4 of its own: freezing it holds the daemon's writes
+	truncate -s 128M host.img
+	mkfs.ext4 -q -F host.img
+	mkdir host
+	mount -o loop host.img host || skip "cannot mount a loop device"
+	_HOST=$T/host
+	(cd host && make_image qcow2)
+	mount_imgfs host/img.qcow2 mnt --max-threads=1
+	d=$(last_pid)
+	# a reader of p1's bytes through disk, open (and its attributes fresh)
+	# before the worker is taken
+	exec 7<mnt/disk
+	python3 -c 'import os; os.pread(7, 4096, 0)'
+	fsfreeze -f host
+	_FROZEN=$T/host
+	# the one worker takes a write to p1 and blocks in pwrite on the frozen host
+	dd if=/dev/urandom of=mnt/p1 bs=64k count=1 conv=notrunc status=none &
+	w=$!
+	track_pid $w
+	sleep 0.5
+	# a buffered read of the same bytes: queued behind it, its pages locked
+	# (by pread on the open descriptor: dd's fstat would be a GETATTR,
+	# queued the same way but holding no page)
+	python3 -c 'import os; os.pread(7, 65536, 8 << 20)' &
+	r=$!
+	track_pid $r
+	exec 7<&-
+	sleep 0.5
+	kill -TERM "$d"
+	sleep 0.5
+	fsfreeze -u host
+	_FROZEN=
+	# the write ends; its reply waits for that read's pages, and the
+	# workers are gone: without the abort the daemon would never end
+	for _ in $(seq 150); do
+		alive "$d" || break
+		sleep 0.1
+	done
+	if alive "$d"; then
+		abort_fuse mnt
+		echo "the daemon hung after SIGTERM" >&2
+		return 1
+	fi
+	wait_gone $w
+	wait_gone $r
+	# no dead mount left behind
+	run is_mounted mnt
+	[ "$status" -ne 0 ]
+	# and the image it left is consistent
+	run qemu-img check host/img.qcow2
+	echo "$output"
+	[ "$status" -eq 0 ] || [ "$status" -eq 3 ]
 }
