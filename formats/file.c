@@ -24,13 +24,15 @@ struct file_dev {
 static struct file_dev *F(struct bdev *d) { return d->priv; }
 
 /* Reads past EOF give zeroes: qemu pads images only to a sector, and a
- * compressed cluster may end in the last, partial sector. */
-static int file_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
+ * compressed cluster may end in the last, partial sector.  flags: preadv2's
+ * (RWF_NOWAIT), 0 for a plain pread. */
+static int read_at(struct bdev *d, void *buf, size_t len, uint64_t off, int flags)
 {
 	char *p = buf;
 
 	while (len) {
-		ssize_t n = pread(F(d)->fd, p, len, (off_t)off);
+		struct iovec iov = { p, len };
+		ssize_t n = preadv2(F(d)->fd, &iov, 1, (off_t)off, flags);
 
 		if (n < 0) {
 			if (errno == EINTR)
@@ -48,31 +50,22 @@ static int file_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+static int file_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return read_at(d, buf, len, off, 0);
+}
+
 /* From the page cache only (RWF_NOWAIT): -EAGAIN for any byte not there. */
 static int file_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
 {
-	char *p = buf;
+	int r;
 
 	if (F(d)->no_nowait)
 		return -EAGAIN;
-	while (len) {
-		struct iovec iov = { p, len };
-		ssize_t n = preadv2(F(d)->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
-
-		if (n < 0) {
-			if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)
-				F(d)->no_nowait = true;
-			return -EAGAIN;
-		}
-		if (n == 0) {
-			memset(p, 0, len);
-			return 0;
-		}
-		p += n;
-		off += (uint64_t)n;
-		len -= (size_t)n;
-	}
-	return 0;
+	r = read_at(d, buf, len, off, RWF_NOWAIT);
+	if (r == -EOPNOTSUPP || r == -EINVAL || r == -ENOSYS)
+		F(d)->no_nowait = true;
+	return r < 0 ? -EAGAIN : 0;
 }
 
 static void size_grow(struct bdev *d, uint64_t end)

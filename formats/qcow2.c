@@ -552,33 +552,31 @@ static void qcow2_free(struct qcow2 *s)
 	free(s);
 }
 
-static int qcow2_dev_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
+/* A read of the active disk: while the image is writable it counts as a
+ * reader, since a discard may free what its L2 lookup found before it is read. */
+static int read_active(struct qcow2 *s, void *buf, size_t len, uint64_t off, bool nowait)
 {
-	struct qcow2 *s = d->priv;
+	int (*rd)(struct qcow2 *, const struct qcow2_l1 *, void *, size_t, uint64_t) =
+		nowait ? qcow2_read_nowait : qcow2_read;
 	unsigned tag;
 	int r;
 
 	if (!s->w)
-		return qcow2_read(s, &s->l1, buf, len, off);
-	/* a discard may free what the L2 lookup found before it is read */
+		return rd(s, &s->l1, buf, len, off);
 	tag = qcow2_reader_enter(s->w);
-	r = qcow2_read(s, &s->l1, buf, len, off);
+	r = rd(s, &s->l1, buf, len, off);
 	qcow2_reader_exit(s->w, tag);
 	return r;
 }
 
+static int qcow2_dev_pread(struct bdev *d, void *buf, size_t len, uint64_t off)
+{
+	return read_active(d->priv, buf, len, off, false);
+}
+
 static int qcow2_dev_pread_nowait(struct bdev *d, void *buf, size_t len, uint64_t off)
 {
-	struct qcow2 *s = d->priv;
-	unsigned tag;
-	int r;
-
-	if (!s->w)
-		return qcow2_read_nowait(s, &s->l1, buf, len, off);
-	tag = qcow2_reader_enter(s->w);
-	r = qcow2_read_nowait(s, &s->l1, buf, len, off);
-	qcow2_reader_exit(s->w, tag);
-	return r;
+	return read_active(d->priv, buf, len, off, true);
 }
 
 static int qcow2_dev_status(struct bdev *d, uint64_t off, uint64_t len,
