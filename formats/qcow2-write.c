@@ -662,7 +662,8 @@ static int write_l1(struct qcow2 *s)
 int qcow2_meta_flush(struct qcow2 *s)
 {
 	struct qcow2_writer *w = s->w;
-	bool meta = w->updates || w->rt_dirty || qcow2_frees_pending(w);
+	/* held frees alone (waiting for a reader) need no L2/L1 pass */
+	bool meta = w->updates || w->rt_dirty || w->npfree;
 	bool applied = false;
 	int r;
 
@@ -675,17 +676,19 @@ int qcow2_meta_flush(struct qcow2 *s)
 		r = bdev_flush(s->data_file);
 	if (r == 0)
 		r = bdev_flush(s->file);
-	if (r < 0 || !meta)
+	if (r < 0 || (!meta && !w->nheld))
 		return r;
 	/* 4-6: L2, then L1 */
-	r = qcow2_cache_flush(s->l2_cache);
-	if (r == 0 && w->any_l1_dirty) {
-		r = bdev_flush(s->file);
+	if (meta) {
+		r = qcow2_cache_flush(s->l2_cache);
+		if (r == 0 && w->any_l1_dirty) {
+			r = bdev_flush(s->file);
+			if (r == 0)
+				r = write_l1(s);
+		}
 		if (r == 0)
-			r = write_l1(s);
+			r = bdev_flush(s->file);
 	}
-	if (r == 0)
-		r = bdev_flush(s->file);
 	/* 7: frees, now that no durable entry names them (and, for some, once
 	 * the reads that found them are done) */
 	if (r == 0 && qcow2_frees_pending(w)) {
