@@ -13,6 +13,7 @@
 #include "fs.h"
 #include "control.h"
 #include "daemon.h"
+#include "fuse-uring.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -51,6 +52,7 @@ struct cli {
 	unsigned max_read;           /* -o max_read= given (init must agree) */
 	int no_splice;
 	unsigned max_threads;
+	int io_uring;
 	int help, version;
 	int nonopts;
 	int bad;
@@ -74,6 +76,8 @@ static const struct fuse_opt cli_opts[] = {
 	OPT("no_splice", no_splice, 1),
 	OPT("--max-threads=%u", max_threads, 0),
 	OPT("max_threads=%u", max_threads, 0),
+	OPT("--io-uring", io_uring, 1),
+	OPT("io_uring", io_uring, 1),
 	OPT("--cached-writes", cached_writes, 1),
 	OPT("cached_writes", cached_writes, 1),
 	OPT("--pid-file=%s", pid_file, 0),
@@ -251,11 +255,15 @@ static void usage(FILE *f)
 "                         user's pipe limit)\n"
 "  --max-threads=N        FUSE worker threads at most (default: 2 per CPU,\n"
 "                         at least 4, at most 64)\n"
+"  --io-uring             serve requests through FUSE over io_uring when the\n"
+"                         kernel offers it (Linux 6.14 or later, with the fuse\n"
+"                         module's enable_uring parameter on)\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
 "                         no_backing, cache_size=, cached_writes,\n"
-"                         no_splice, max_threads=, pid_file= (for fstab);\n"
+"                         no_splice, max_threads=, io_uring, pid_file=\n"
+"                         (for fstab);\n"
 "                         mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
 "                         x-*...) are ignored\n"
 "  --pid-file=PATH        write the daemon's pid to PATH\n"
@@ -561,6 +569,26 @@ static bool splice_fits(unsigned workers)
 	return soft == 0 || workers * pipe_pages <= soft / 2;
 }
 
+/* --io-uring: requests through the kernel's rings when it offers them
+ * (fuse-uring.c); as many queue threads in all as FUSE workers. */
+static void use_io_uring(struct fs *fs)
+{
+	const char *why;
+	int r;
+
+	if (fs->single_thread) {
+		log_warn("--io-uring: not with -s: requests stay on /dev/fuse");
+		return;
+	}
+	if (!fuse_uring_possible(&why)) {
+		log_warn("--io-uring: %s: requests stay on /dev/fuse", why);
+		return;
+	}
+	r = fuse_uring_install(fs->se, fs->max_threads);
+	if (r < 0)
+		log_warn("--io-uring: %s: requests stay on /dev/fuse", strerror(-r));
+}
+
 static int serve(struct cli *c, struct fs *fs)
 {
 	struct fuse_loop_config *cfg;
@@ -838,6 +866,8 @@ int main(int argc, char **argv)
 		return EXIT_MOUNT;
 	}
 	tune_readahead(c.mountpoint);
+	if (c.io_uring)
+		use_io_uring(fs);
 
 	if (!c.foreground) {
 		fflush(NULL);
@@ -892,6 +922,8 @@ int main(int argc, char **argv)
 	if (fs->control)
 		nbd_control_stop(fs->control);
 	image_remove_observer(fs->img, fs->observer);
+	if (c.io_uring)
+		fuse_uring_stop();
 	fuse_session_unmount(fs->se);
 	if (aborted)
 		unmount_aborted(c.mountpoint);

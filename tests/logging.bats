@@ -19,25 +19,6 @@ teardown() {
 	[ -z "${_LOCKFD:-}" ] || exec {_LOCKFD}>&-
 }
 
-# Run imgfs in the foreground with stderr to $T/err; return once mounted.
-foreground() {
-	"$IMGFS" -f "$@" 2>"$T/err" &
-	track_pid $!
-	_MOUNTS+=("$PWD/mnt")
-	for _ in $(seq 100); do
-		is_mounted mnt && return 0
-		sleep 0.05
-	done
-	cat "$T/err" >&2
-	return 1
-}
-
-# End the foreground daemon and wait for it, so $T/err is complete.
-stop_foreground() {
-	fusermount3 -u mnt
-	wait "${_PIDS[-1]}"
-}
-
 @test "in the foreground, a write at the end of a view is logged with image, view, offset and reason" {
 	foreground --format=raw r.img mnt
 	run dd if=/dev/zero of=mnt/disk bs=4k seek=2048 count=1 conv=notrunc

@@ -92,36 +92,9 @@ stress() {
 # only a FUSE worker can answer.  With one worker, a write that waited for
 # that inside its worker would hang the mount; it must not.
 @test "one FUSE worker: writes through p1 while the disk view reads the same bytes neither hang nor leave stale pages" {
-	local w r
 	make_image qcow2
 	mount_imgfs img.qcow2 mnt --max-threads=1
-	# buffered readers of p1's bytes through disk: readahead in flight
-	fio --name=r --filename=mnt/disk --ioengine=psync --rw=randread --bs=256k \
-		--offset=8M --size=8M --numjobs=2 --invalidate=1 --time_based --runtime=4 \
-		--output="$T/r.out" &
-	r=$!
-	track_pid $r
-	# and a writer on p1, verified
-	fio --name=w --filename=mnt/p1 --ioengine=psync --rw=randwrite --bs=64k \
-		--size=8M --time_based --runtime=4 --verify=crc32c --do_verify=1 \
-		--output="$T/w.out" &
-	w=$!
-	track_pid $w
-	# a hung mount holds its callers in the kernel, past any signal: end it
-	for _ in $(seq 600); do
-		alive $w || alive $r || break
-		sleep 0.1
-	done
-	if alive $w || alive $r; then
-		abort_fuse mnt
-		echo "the mount hung" >&2
-		return 1
-	fi
-	wait $w
-	wait $r
-	cat "$T"/*.out >&2
-	grep -q 'err= 0' "$T/w.out"
-	grep -q 'err= 0' "$T/r.out"
+	p1_writer_disk_readers mnt 4
 	# what every reader of disk sees now is what p1 holds
 	cmp -n $((8 * MiB)) -i $((8 * MiB)):0 mnt/disk mnt/p1
 	unmount_imgfs mnt

@@ -18,6 +18,8 @@ common_setup() {
 }
 
 # Run imgfs in the background (daemonised) and remember the mount and its pid.
+# IMGFS_TEST_MOUNT_OPTS (words) go before the test's own options: a whole
+# suite can run again with, say, --io-uring.
 # usage: mount_imgfs IMAGE MOUNTPOINT [OPTIONS...]
 mount_imgfs() {
 	local image=$1 mnt=$2
@@ -26,7 +28,8 @@ mount_imgfs() {
 	pidfile=$(mktemp "$BATS_TEST_TMPDIR/imgfs-pid.XXXXXX")
 	_MOUNTS+=("$mnt")
 	_PIDFILES+=("$pidfile")
-	"$IMGFS" --pid-file="$pidfile" "$@" "$image" "$mnt"
+	# shellcheck disable=SC2086 # words, on purpose
+	"$IMGFS" --pid-file="$pidfile" ${IMGFS_TEST_MOUNT_OPTS:-} "$@" "$image" "$mnt"
 }
 
 # The pid of the most recent mount_imgfs daemon.
@@ -159,6 +162,74 @@ with open(path, "wb") as f:
         f.write(r.randbytes(n))
         left -= n
 PY
+}
+
+# Run imgfs -f (with the given options) on mnt, stderr to $T/err; return
+# once mounted.
+foreground() {
+	"$IMGFS" -f "$@" 2>"$T/err" &
+	track_pid $!
+	_MOUNTS+=("$PWD/mnt")
+	for _ in $(seq 100); do
+		is_mounted mnt && return 0
+		sleep 0.05
+	done
+	cat "$T/err" >&2
+	return 1
+}
+
+# End the foreground daemon and wait for it (its status is ours), so $T/err
+# is complete.
+stop_foreground() {
+	fusermount3 -u mnt
+	wait "${_PIDS[-1]}"
+}
+
+# Wait (60 s at most) for processes that use MNT; if they are still there,
+# the mount hung, and a hung mount holds its callers in the kernel past any
+# signal: abort its connection and fail.
+# usage: wait_or_abort MNT PID...
+wait_or_abort() {
+	local mnt=$1 p
+	shift
+	for _ in $(seq 600); do
+		for p in "$@"; do
+			if alive "$p"; then
+				sleep 0.1
+				continue 2
+			fi
+		done
+		return 0
+	done
+	abort_fuse "$mnt"
+	echo "the mount hung" >&2
+	return 1
+}
+
+# A write through p1 must drop disk's cached copy of the same bytes before
+# it is answered, and dropping a page waits for the read in flight that
+# holds it.  For SECONDS: a verified fio writer on MNT/p1 (8 MiB long, at
+# 8 MiB on the disk) and two buffered readers of those bytes through
+# MNT/disk (readahead in flight); fails if the mount hangs or fio errs.
+# usage: p1_writer_disk_readers MNT SECONDS
+p1_writer_disk_readers() {
+	local mnt=$1 secs=$2 r w
+	fio --name=r --filename="$mnt/disk" --ioengine=psync --rw=randread --bs=256k \
+		--offset=8M --size=8M --numjobs=2 --invalidate=1 --time_based --runtime="$secs" \
+		--output="$T/r.out" &
+	r=$!
+	track_pid $r
+	fio --name=w --filename="$mnt/p1" --ioengine=psync --rw=randwrite --bs=64k \
+		--size=8M --time_based --runtime="$secs" --verify=crc32c --do_verify=1 \
+		--output="$T/w.out" &
+	w=$!
+	track_pid $w
+	wait_or_abort "$mnt" $w $r || return 1
+	wait $w
+	wait $r
+	cat "$T/w.out" "$T/r.out" >&2
+	grep -q 'err= 0' "$T/w.out"
+	grep -q 'err= 0' "$T/r.out"
 }
 
 # "! cmd" does not fail a bats test (set -e ignores it): use these instead.
