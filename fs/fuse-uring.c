@@ -338,7 +338,7 @@ static void pin(struct qthread *t)
 {
 	cpu_set_t set;
 
-	if (t->cpu < 0 || getenv("IMGFS_URING_NOPIN"))
+	if (t->cpu < 0)
 		return;
 	CPU_ZERO(&set);
 	CPU_SET(t->cpu, &set);
