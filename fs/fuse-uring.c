@@ -427,6 +427,8 @@ static void start_threads(size_t payload_size)
 	U.threads = calloc(U.nthreads, sizeof(*U.threads));
 	if (!U.threads)
 		goto fail;
+	for (unsigned i = 0; i < U.nthreads; i++)
+		U.threads[i].efd = -1;
 	for (unsigned i = 0; i < U.nthreads; i++) {
 		struct qthread *t = &U.threads[i];
 		/* room for every entry's command and the eventfd's read */
@@ -662,9 +664,11 @@ int fuse_uring_install(struct fuse_session *se, unsigned threads)
 	U.se = se;
 	U.fd = fuse_session_fd(se);
 	U.nqueues = possible_cpus();
+	/* at least two a queue (one reader's readahead on one CPU goes to one
+	 * queue), unless one thread in all was asked for */
 	U.per_queue = (threads + U.nqueues - 1) / U.nqueues;
-	if (U.per_queue < 1)
-		U.per_queue = 1;
+	if (U.per_queue < 2)
+		U.per_queue = threads > 1 ? 2 : 1;
 	return fuse_session_custom_io(se, &io, U.fd);
 }
 
@@ -697,10 +701,21 @@ void fuse_uring_stop(void)
 		io_uring_queue_exit(&t->ring);
 		t->started = false;
 	}
-	/* the buffers stay: a late reply (none should come) finds no entry, the
-	 * memory goes with the process */
-	for (unsigned i = 0; i < U.nthreads; i++)
-		if (U.threads[i].efd >= 0)
-			close(U.threads[i].efd);
+	/* no reply is due any more (the session loop and the invalidation
+	 * thread are done), and the kernel has let go of the buffers */
 	atomic_store(&U.started, false);
+	for (unsigned i = 0; i < U.nthreads; i++) {
+		struct qthread *t = &U.threads[i];
+
+		for (unsigned j = 0; j < atomic_load(&t->nents); j++) {
+			free(t->ents[j]->hdr);
+			free(t->ents[j]->payload - HEAD_ROOM);
+			free(t->ents[j]);
+		}
+		if (t->efd >= 0)
+			close(t->efd);
+	}
+	free(U.threads);
+	U.threads = NULL;
+	U.nthreads = 0;
 }
