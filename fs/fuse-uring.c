@@ -27,9 +27,9 @@
  *    and register their entries (write_init_reply says why the reply does
  *    not carry FUSE_OVER_IO_URING).
  *
- * A reply may come from another thread (fs-ops.c answers writes from its
- * invalidation thread): only the entry's own thread touches its ring, so
- * the other thread fills the entry and wakes it through an eventfd.
+ * A reply may come from another thread: only the entry's own thread
+ * touches its ring, so the other thread fills the entry and wakes it
+ * through an eventfd.
  */
 #include "fuse-uring.h"
 
@@ -106,10 +106,13 @@ struct ring_ent {
 
 /*
  * A thread's entries.  It starts with one.  A request whose reply comes
- * later from another thread (a write waiting for its invalidations) keeps
- * its entry until then, and the invalidation itself may wait for reads
- * that only this queue can serve: so when none of its entries is waiting
- * for a request, the thread registers one more.
+ * later from another thread keeps its entry until then; so that the queue
+ * goes on serving, when none of its entries is waiting for a request the
+ * thread registers one more.  That does not make a reply that waits for
+ * other requests safe: requests the kernel queued while every entry was
+ * taken go out only as an entry of the queue is answered, never to an
+ * entry registered later (imgfs.c keeps writable mounts off the rings
+ * for that reason).
  */
 #define MAX_ENTS 32u
 

@@ -255,9 +255,9 @@ static void usage(FILE *f)
 "                         user's pipe limit)\n"
 "  --max-threads=N        FUSE worker threads at most (default: 2 per CPU,\n"
 "                         at least 4, at most 64)\n"
-"  --io-uring             serve requests through FUSE over io_uring when the\n"
-"                         kernel offers it (Linux 6.14 or later, with the fuse\n"
-"                         module's enable_uring parameter on)\n"
+"  --io-uring             read-only mounts: serve requests through FUSE over\n"
+"                         io_uring when the kernel offers it (Linux 6.14 or\n"
+"                         later, the fuse module's enable_uring parameter on)\n"
 "  -o OPT[,OPT...]        mount options: ro, allow_other, default_permissions,\n"
 "                         fsname=, and those mount.fuse3 passes; image options\n"
 "                         as -o format=, view=, partition=, snapshot=,\n"
@@ -569,8 +569,19 @@ static bool splice_fits(unsigned workers)
 	return soft == 0 || workers * pipe_pages <= soft / 2;
 }
 
-/* --io-uring: requests through the kernel's rings when it offers them
- * (fuse-uring.c); as many queue threads in all as FUSE workers. */
+/*
+ * --io-uring: requests through the kernel's rings when it offers them
+ * (fuse-uring.c); as many queue threads in all as FUSE workers.
+ *
+ * Read-only mounts only.  A ring entry stays taken until its request is
+ * answered, and a write is answered only once the other views' cached
+ * pages are dropped, which waits for the reads in flight over them.  When
+ * every entry of a CPU's queue is taken, the kernel queues that CPU's next
+ * requests and hands them out only as an entry of the queue is answered
+ * (an entry registered later does not take them): reads queued behind
+ * writes waiting for those very reads hang the mount.  /dev/fuse has no
+ * such tie between a request and a thread.
+ */
 static void use_io_uring(struct fs *fs)
 {
 	const char *why;
@@ -578,6 +589,10 @@ static void use_io_uring(struct fs *fs)
 
 	if (fs->single_thread) {
 		log_warn("--io-uring: not with -s: requests stay on /dev/fuse");
+		return;
+	}
+	if (!fs->img->read_only) {
+		log_warn("--io-uring: for read-only mounts (-r) only: requests stay on /dev/fuse");
 		return;
 	}
 	if (!fuse_uring_possible(&why)) {
