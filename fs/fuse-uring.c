@@ -12,9 +12,8 @@
  * fuse_session_process_buf(), and the reply, written into the same buffers,
  * goes back with the command that also fetches the next request.  One
  * syscall per request instead of two, and the thread that serves it runs on
- * the caller's CPU.  A thread keeps one entry waiting for a request (more
- * only while replies are due from elsewhere, see struct qthread): a slow
- * read holds up no other request of its queue.
+ * the caller's CPU.  One entry per thread: a slow read holds up no other
+ * request of its queue.
  *
  * libfuse's hooks (fuse_session_custom_io) see every message:
  *  - read: requests from /dev/fuse (FUSE_INIT, interrupts, forgets, and
@@ -100,22 +99,17 @@ struct ring_ent {
 	struct iovec iov[2];
 	_Atomic uint64_t unique; /* the request being served, 0 if none */
 	uint64_t commit_id;
-	bool armed;              /* with the kernel, waiting for a request */
 	atomic_bool answered;    /* the reply is in the buffers: commit it */
 };
 
 /*
- * A thread's entries.  It starts with one.  A request whose reply comes
- * later from another thread keeps its entry until then; so that the queue
- * goes on serving, when none of its entries is waiting for a request the
- * thread registers one more.  That does not make a reply that waits for
- * other requests safe: requests the kernel queued while every entry was
- * taken go out only as an entry of the queue is answered, never to an
- * entry registered later (imgfs.c keeps writable mounts off the rings
- * for that reason).
+ * A queue thread and its entry.  A request is answered on the thread that
+ * took it, but a reply from elsewhere still works (the eventfd).  What must
+ * not happen is a reply that waits for other requests: the entry stays
+ * taken until then, and requests the kernel queued while every entry of
+ * the queue was taken go out only as an entry of the queue is answered
+ * (imgfs.c keeps writable mounts off the rings for that reason).
  */
-#define MAX_ENTS 32u
-
 struct qthread {
 	unsigned qid;
 	int cpu;                 /* pinned to, or -1 */
@@ -124,8 +118,8 @@ struct qthread {
 	struct io_uring ring;
 	int efd;                 /* wakes the thread: a reply from elsewhere, or stop */
 	uint64_t efd_val;
-	struct ring_ent *ents[MAX_ENTS];
-	atomic_uint nents;
+	struct ring_ent ent;
+	char *buf;               /* the entry's payload, with HEAD_ROOM before it */
 };
 
 static struct {
@@ -193,8 +187,9 @@ static unsigned possible_cpus(void)
 	return n;
 }
 
-/* A cleared 128-byte SQE (a thread has at most two outstanding: the ring
- * has room, but submit and retry rather than trust it). */
+/* A cleared 128-byte SQE (a thread has at most two outstanding, its
+ * entry's command and the eventfd's read: the ring has room, but submit
+ * and retry rather than trust it). */
 static struct io_uring_sqe *get_sqe(struct qthread *t)
 {
 	struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
@@ -226,43 +221,6 @@ static bool prep_cmd(struct qthread *t, struct ring_ent *e, uint32_t op)
 	c->qid = (uint16_t)t->qid;
 	c->commit_id = e->commit_id;
 	io_uring_sqe_set_data(sqe, e);
-	e->armed = true;
-	return true;
-}
-
-/* One more entry for the thread, registered with its next submit. */
-static bool add_ent(struct qthread *t)
-{
-	unsigned n = atomic_load(&t->nents);
-	struct ring_ent *e;
-	char *buf;
-
-	if (n == MAX_ENTS)
-		return false;
-	e = calloc(1, sizeof(*e));
-	buf = aligned_alloc(4096, HEAD_ROOM + U.payload_size);
-	if (e)
-		e->hdr = aligned_alloc(4096, 4096);
-	if (!e || !e->hdr || !buf) {
-		if (e)
-			free(e->hdr);
-		free(e);
-		free(buf);
-		return false;
-	}
-	memset(e->hdr, 0, 4096);
-	e->t = t;
-	e->payload = buf + HEAD_ROOM;
-	e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
-	e->iov[1] = (struct iovec){ e->payload, U.payload_size };
-	if (!prep_cmd(t, e, URING_CMD_REGISTER)) {
-		free(e->hdr);
-		free(e);
-		free(buf);
-		return false;
-	}
-	t->ents[n] = e;
-	atomic_store(&t->nents, n + 1);
 	return true;
 }
 
@@ -309,10 +267,10 @@ static void serve(struct ring_ent *e)
 	struct fuse_buf fb = { 0 };
 
 	memcpy(&ih, e->hdr->in_out, sizeof(ih));
-	e->armed = false;
 	e->commit_id = e->hdr->ent.commit_id;
 	atomic_store(&e->unique, ih.unique);
 	atomic_fetch_add(&U.served, 1);
+	cur_ent = e;
 	/* the first argument is in op_in, the rest in the payload; in_header.len
 	 * counts them all */
 	if (ih.len < sizeof(ih) + (uint64_t)pl || pl > U.payload_size ||
@@ -320,6 +278,7 @@ static void serve(struct ring_ent *e)
 		log_err("FUSE io_uring: malformed request (opcode %u, length %u, payload %u)",
 			ih.opcode, ih.len, pl);
 		answer_err(e, EIO);
+		cur_ent = NULL;
 		return;
 	}
 	op = ih.len - sizeof(ih) - pl;
@@ -328,13 +287,12 @@ static void serve(struct ring_ent *e)
 	memcpy(start + sizeof(ih), e->hdr->op_in, op);
 	fb.mem = start;
 	fb.size = ih.len;
-	cur_ent = e;
 	fuse_session_process_buf(U.se, &fb);
-	cur_ent = NULL;
 	/* requests libfuse answers with silence still give their entry back */
 	if (!atomic_load(&e->answered) && atomic_load(&e->unique) &&
 	    (ih.opcode == FUSE_FORGET || ih.opcode == FUSE_BATCH_FORGET || ih.opcode == FUSE_INTERRUPT))
 		answer_err(e, ENOSYS);
+	cur_ent = NULL;
 }
 
 static void pin(struct qthread *t)
@@ -349,37 +307,13 @@ static void pin(struct qthread *t)
 	(void)pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
-/* Send the answered entries' replies, each fetching its next request;
- * keep an entry waiting for a request.  false: the thread cannot go on. */
-static bool commit_answered(struct qthread *t)
-{
-	unsigned n = atomic_load(&t->nents), armed = 0;
-
-	for (unsigned i = 0; i < n; i++) {
-		struct ring_ent *e = t->ents[i];
-
-		if (atomic_exchange(&e->answered, false) &&
-		    !prep_cmd(t, e, URING_CMD_COMMIT_AND_FETCH))
-			return false;
-		armed += e->armed;
-	}
-	if (!armed && !add_ent(t)) {
-		static atomic_bool said;
-
-		if (!atomic_exchange(&said, true))
-			log_err("FUSE io_uring: queue %u: no entry free and none can be added: "
-				"its requests wait for the replies due", t->qid);
-	}
-	return true;
-}
-
 static void *qthread_main(void *opaque)
 {
 	struct qthread *t = opaque;
 	int r;
 
 	pin(t);
-	if (!add_ent(t) || !prep_efd_read(t)) {
+	if (!prep_cmd(t, &t->ent, URING_CMD_REGISTER) || !prep_efd_read(t)) {
 		log_err("FUSE io_uring: queue %u: cannot register an entry", t->qid);
 		return NULL;
 	}
@@ -413,10 +347,28 @@ static void *qthread_main(void *opaque)
 			}
 		}
 		io_uring_cq_advance(&t->ring, seen);
-		if (stop || !commit_answered(t))
+		if (stop)
+			break;
+		/* the reply goes back and fetches the next request */
+		if (atomic_exchange(&t->ent.answered, false) &&
+		    !prep_cmd(t, &t->ent, URING_CMD_COMMIT_AND_FETCH))
 			break;
 	}
 	return NULL;
+}
+
+/* Release the threads' buffers and eventfds (none runs; none is set up). */
+static void free_threads(void)
+{
+	for (unsigned i = 0; U.threads && i < U.nthreads; i++) {
+		free(U.threads[i].ent.hdr);
+		free(U.threads[i].buf);
+		if (U.threads[i].efd >= 0)
+			close(U.threads[i].efd);
+	}
+	free(U.threads);
+	U.threads = NULL;
+	U.nthreads = 0;
 }
 
 /* Set up and start the queue threads (the INIT reply is written). */
@@ -434,16 +386,25 @@ static void start_threads(size_t payload_size)
 		U.threads[i].efd = -1;
 	for (unsigned i = 0; i < U.nthreads; i++) {
 		struct qthread *t = &U.threads[i];
-		/* room for every entry's command and the eventfd's read */
+		struct ring_ent *e = &t->ent;
 		struct io_uring_params p = { .flags = IORING_SETUP_SQE128 };
 		int r;
 
 		t->qid = i / U.per_queue;
+		e->t = t;
+		e->hdr = aligned_alloc(4096, 4096);
+		t->buf = aligned_alloc(4096, HEAD_ROOM + payload_size);
+		if (!e->hdr || !t->buf)
+			goto fail;
+		memset(e->hdr, 0, 4096);
+		e->payload = t->buf + HEAD_ROOM;
+		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
+		e->iov[1] = (struct iovec){ e->payload, payload_size };
 		t->cpu = have_allowed && t->qid < CPU_SETSIZE && CPU_ISSET(t->qid, &allowed) ? (int)t->qid : -1;
 		t->efd = eventfd(0, EFD_CLOEXEC);
 		if (t->efd < 0)
 			goto fail;
-		r = io_uring_queue_init_params(2 * MAX_ENTS, &t->ring, &p);
+		r = io_uring_queue_init_params(4, &t->ring, &p);
 		if (r < 0) {
 			log_err("FUSE io_uring: io_uring_queue_init: %s", strerror(-r));
 			goto fail;
@@ -481,6 +442,7 @@ fail:
 			io_uring_queue_exit(&U.threads[i].ring);
 		U.threads[i].started = false;
 	}
+	free_threads();
 }
 
 /* ---- libfuse's hooks ------------------------------------------------------- */
@@ -491,14 +453,9 @@ static struct ring_ent *find_ent(uint64_t unique)
 		return NULL;
 	if (cur_ent && atomic_load(&cur_ent->unique) == unique)
 		return cur_ent;
-	for (unsigned i = 0; i < U.nthreads; i++) {
-		struct qthread *t = &U.threads[i];
-		unsigned n = atomic_load(&t->nents);
-
-		for (unsigned j = 0; j < n; j++)
-			if (atomic_load(&t->ents[j]->unique) == unique)
-				return t->ents[j];
-	}
+	for (unsigned i = 0; i < U.nthreads; i++)
+		if (atomic_load(&U.threads[i].ent.unique) == unique)
+			return &U.threads[i].ent;
 	return NULL;
 }
 
@@ -617,7 +574,7 @@ static ssize_t hook_splice_send(int fdin, off_t *offin, int fdout, off_t *offout
 {
 	struct fuse_out_header oh;
 	struct ring_ent *e;
-	size_t body = len - sizeof(oh);
+	size_t body;
 	(void)userdata;
 
 	if (!atomic_load(&U.started))
@@ -626,6 +583,7 @@ static ssize_t hook_splice_send(int fdin, off_t *offin, int fdout, off_t *offout
 		errno = EIO;
 		return -1;
 	}
+	body = len - sizeof(oh);
 	e = find_ent(oh.unique);
 	if (e && body <= U.payload_size) {
 		if (read_full(fdin, e->payload, body) < 0) {
@@ -707,18 +665,5 @@ void fuse_uring_stop(void)
 	/* no reply is due any more (the session loop and the invalidation
 	 * thread are done), and the kernel has let go of the buffers */
 	atomic_store(&U.started, false);
-	for (unsigned i = 0; i < U.nthreads; i++) {
-		struct qthread *t = &U.threads[i];
-
-		for (unsigned j = 0; j < atomic_load(&t->nents); j++) {
-			free(t->ents[j]->hdr);
-			free(t->ents[j]->payload - HEAD_ROOM);
-			free(t->ents[j]);
-		}
-		if (t->efd >= 0)
-			close(t->efd);
-	}
-	free(U.threads);
-	U.threads = NULL;
-	U.nthreads = 0;
+	free_threads();
 }
